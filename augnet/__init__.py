@@ -1,4 +1,40 @@
-"""augnet: exact per-sample Jacobians of trained Keras models, and saliency images."""
+"""augnet: exact per-sample Jacobians of trained Keras models, and saliency images.
+
+The public names are imported lazily, so that ``import augnet`` (and the ``augnet`` command's
+``--help``) does not pay for importing TensorFlow until a Jacobian is asked for.
+"""
+
+from __future__ import annotations
+
+import importlib
 
 __version__ = "1.0.0"
-__all__ = ["__version__"]
+
+_EXPORTS = {
+    # the Jacobian engine
+    "jacobian": "augnet._engine",
+    "iter_jacobian": "augnet._engine",
+    "jacobian_to_npy": "augnet._engine",
+    "JacobianChunk": "augnet._engine",
+    "TopKJacobian": "augnet._engine",
+    "STRATEGIES": "augnet._engine",
+    # the model
+    "AugNet": "augnet._model",
+    "load_model": "augnet._model",
+    "wrap": "augnet._model",
+}
+
+__all__ = ["__version__", *_EXPORTS]
+
+
+def __getattr__(name: str):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'augnet' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(__all__)

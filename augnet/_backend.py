@@ -1,0 +1,177 @@
+"""The autodiff seam: the only place that knows TensorFlow's GradientTape and ForwardAccumulator.
+
+Everything the Jacobian engine needs from a framework is here, in JAX-like terms:
+
+- ``vjp(f, xs)`` -> ``(y, vjp_fn)``: one forward pass, then any number of vector-Jacobian products.
+- ``jvp(f, xs, tangents)`` -> ``(y, y_dot)``: a Jacobian-vector product (forward mode).
+- ``map_rows(fn, elems, vectorized)``: apply ``fn`` to every row of ``elems``, either vectorised
+  (``pfor``) or as a loop, stacking the results.
+- ``compile_function(fn, input_signature, jit_compile)``: trace once per input signature.
+- ``to_numpy``, ``convert``, ``is_symbolic``, ``one_hot``, ``gather_rows``: small tensor utilities.
+
+A JAX or PyTorch backend is a second module with the same functions (``jax.vjp``/``jax.jvp``/
+``jax.vmap``/``jax.jit``; ``torch.func.vjp``/``jvp``/``vmap``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import tensorflow as tf
+
+name = "tensorflow"
+
+
+def convert(x, dtype) -> tf.Tensor:
+    """Converts an array-like to a tensor of ``dtype`` (a cast when the dtype differs)."""
+    if isinstance(x, tf.Tensor | tf.Variable):
+        t = tf.convert_to_tensor(x)
+    else:
+        t = tf.convert_to_tensor(np.asarray(x) if not hasattr(x, "numpy") else x)
+    if t.dtype != tf.as_dtype(dtype):
+        t = tf.cast(t, dtype)
+    return t
+
+
+def dtype_name(dtype) -> str:
+    return tf.as_dtype(dtype).name
+
+
+def is_floating(dtype) -> bool:
+    return tf.as_dtype(dtype).is_floating
+
+
+def is_symbolic() -> bool:
+    """True while being traced inside ``tf.function`` (results are then tensors, not arrays)."""
+    return not tf.executing_eagerly()
+
+
+def to_numpy(t) -> np.ndarray:
+    return t.numpy() if hasattr(t, "numpy") else np.asarray(t)
+
+
+def vjp(f: Callable[[list], tf.Tensor], xs: Sequence[tf.Tensor]):
+    """One forward pass of ``f`` recorded for reverse mode.
+
+    Args:
+        f: maps a list of input tensors to one tensor ``y``.
+        xs: the inputs.
+
+    Returns:
+        ``(y, vjp_fn)`` where ``vjp_fn(cotangent)`` (same shape as ``y``) returns a list with
+        ``cotangentᵀ·∂y/∂x`` for every input; inputs that ``y`` does not depend on get zeros.
+    """
+    xs = list(xs)
+    with tf.GradientTape(persistent=True, watch_accessed_variables=False) as tape:
+        for x in xs:
+            tape.watch(x)
+        y = f(xs)
+
+    def vjp_fn(cotangent):
+        return tape.gradient(
+            y, xs, output_gradients=cotangent, unconnected_gradients=tf.UnconnectedGradients.ZERO
+        )
+
+    return y, vjp_fn
+
+
+def jvp(f: Callable[[list], tf.Tensor], xs: Sequence[tf.Tensor], tangents: Sequence[tf.Tensor]):
+    """Forward mode: returns ``(y, ∂y/∂x · tangents)``; zeros where ``y`` does not depend on x.
+
+    A tangent of ``None`` leaves that input constant.
+    """
+    xs = list(xs)
+    primals = [x for x, t in zip(xs, tangents) if t is not None]
+    tangents = [t for t in tangents if t is not None]
+    with tf.autodiff.ForwardAccumulator(primals, tangents) as acc:
+        y = f(xs)
+    y_dot = acc.jvp(y, unconnected_gradients=tf.UnconnectedGradients.ZERO)
+    return y, y_dot
+
+
+def map_rows(fn: Callable, elems: tf.Tensor, vectorized: bool, output_signature=None):
+    """Applies ``fn`` to every row of ``elems`` and stacks the results along a new first axis.
+
+    ``vectorized=True`` uses ``tf.vectorized_map`` (pfor: all rows in one vectorised pass);
+    ``vectorized=False`` a ``tf.map_fn`` loop (one row at a time, bounded memory).
+    """
+    if vectorized:
+        return tf.vectorized_map(fn, elems, fallback_to_while_loop=True)
+    return tf.map_fn(fn, elems, fn_output_signature=output_signature, parallel_iterations=1)
+
+
+def compile_function(fn: Callable, input_signature, jit_compile: bool = False):
+    """Traces ``fn`` once per input signature (batch axes are ``None``, so batches do not retrace)."""
+    return tf.function(
+        fn, input_signature=input_signature, jit_compile=jit_compile, autograph=False
+    )
+
+
+def tensor_spec(shape, dtype):
+    return tf.TensorSpec(shape=tuple(shape), dtype=dtype)
+
+
+def one_hot(indices, depth: int, dtype):
+    return tf.one_hot(indices, depth, dtype=dtype)
+
+
+def stack(ts, axis):
+    return tf.stack(ts, axis=axis)
+
+
+def reshape(t, shape):
+    return tf.reshape(t, shape)
+
+
+def flatten_samples(t):
+    """``(batch, *shape)`` -> ``(batch, prod(shape))``."""
+    return tf.reshape(t, (tf.shape(t)[0], -1))
+
+
+def concat(ts, axis):
+    return ts[0] if len(ts) == 1 else tf.concat(ts, axis=axis)
+
+
+def transpose_first_two(t):
+    perm = [1, 0] + list(range(2, len(t.shape)))
+    return tf.transpose(t, perm)
+
+
+def gather_columns(t, indices):
+    """``t: (batch, c, M)``, ``indices: (batch, m)`` -> ``(batch, c, m)``."""
+    return tf.gather(t, indices, axis=2, batch_dims=1)
+
+
+def repeat_samples(x, times: int):
+    """``(batch, ...)`` -> ``(batch * times, ...)``, each sample repeated ``times`` times in a row."""
+    return tf.repeat(x, times, axis=0)
+
+
+def basis_tangents(columns, n: int, sample_shape, batch, dtype):
+    """Unit tangents: row ``j`` is ``e_{columns[j]}`` reshaped to ``sample_shape``, tiled per sample.
+
+    Returns ``(batch * len(columns), *sample_shape)``, matching :func:`repeat_samples`.
+    """
+    eye = tf.one_hot(columns, n, dtype=dtype)  # (c, n)
+    eye = tf.reshape(eye, (-1, *sample_shape))
+    reps = [batch] + [1] * len(sample_shape)
+    return tf.tile(eye, reps)
+
+
+def dim(t, axis: int):
+    """The (possibly dynamic) size of ``t`` along ``axis``."""
+    return tf.shape(t)[axis]
+
+
+def transpose(t, perm):
+    return tf.transpose(t, perm)
+
+
+def top_k(y2d, k: int):
+    values, indices = tf.math.top_k(y2d, k=k, sorted=True)
+    return values, indices
+
+
+def shape_of(t):
+    return tuple(t.shape)

@@ -1,0 +1,1094 @@
+"""The Jacobian engine: exact per-sample Jacobians of any callable built of TensorFlow ops.
+
+Works on ``(callable, inputs)`` and knows nothing of images. Reaches the framework only through
+``augnet._backend`` (vjp, jvp, map_rows, compile_function).
+
+Strategies (all give the same numbers; ``strategy="auto"`` picks one from the shapes):
+
+- ``"loop"``: one forward pass, then one backward pass (a vector-Jacobian product) per selected
+  output, in a compiled loop. The cost floor of reverse mode; the fastest on CPU for convolutional
+  networks, with the smallest memory.
+- ``"pfor"``: the same backward passes vectorised over the outputs (``tf.vectorized_map``). Faster
+  for small dense networks; memory grows with the chunk of outputs.
+- ``"forward"``: forward mode (Jacobian-vector products with unit tangents, vectorised by tiling the
+  batch). Wins when a sample has far fewer input elements than selected outputs (a "tall" Jacobian).
+
+Memory is bounded per pass by ``batch_size`` (samples per pass), ``chunk_size`` (outputs, or for
+forward mode input elements, per pass) and ``max_memory`` (from which both are derived).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import time
+import weakref
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+
+from augnet import _backend as B
+from augnet._errors import format_shape, invalid_value
+from augnet._structure import (
+    DICT,
+    SINGLE,
+    Structure,
+    check_against_spec,
+    check_numeric,
+    flatten,
+    unflatten,
+)
+
+logger = logging.getLogger(__name__)
+
+STRATEGIES = ("auto", "loop", "pfor", "forward")
+DEFAULT_MAX_MEMORY = 2 * 1024**3
+MAX_UNROLL = 32  # backward passes per compiled "loop" pass (each chunk costs one forward pass)  # bytes of intermediates per pass when max_memory is not given
+_RECURRENT_HINTS = ("LSTM", "GRU", "RNN", "ConvLSTM")
+
+
+class TopKJacobian(NamedTuple):
+    """The Jacobians of each sample's ``k`` largest outputs.
+
+    Attributes:
+        jacobian: ``(batch, k, *input_shape)`` (the input structure for several inputs).
+        indices: ``(batch, k)`` flat indices of the selected outputs, largest first.
+        values: ``(batch, k)`` the outputs' values.
+    """
+
+    jacobian: Any
+    indices: Any
+    values: Any
+
+
+class JacobianChunk(NamedTuple):
+    """One block of a streamed Jacobian (see :func:`iter_jacobian`).
+
+    Attributes:
+        samples: the slice of the batch this block covers.
+        outputs: flat output indices of the block's rows: ``(c,)``, or ``(b, c)`` with ``top_k``.
+        values: ``(b, c, *input_shape)`` (the input structure for several inputs).
+    """
+
+    samples: slice
+    outputs: np.ndarray
+    values: Any
+
+
+# --------------------------------------------------------------------------------------------------
+# The target: a callable with flat inputs and one flat (batch, M) output
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Target:
+    fn: Any
+    call: Callable  # list of input tensors -> list of output tensors
+    in_structure: Structure
+    in_names: list[str]
+    in_shapes: list[tuple]  # per sample
+    dtype: Any
+    out_structure: Structure | None = None
+    out_shapes: list[tuple] = field(default_factory=list)
+    act_bytes: int = 0  # estimated activation bytes per sample
+    recurrent: bool = False
+
+    @property
+    def in_sizes(self) -> list[int]:
+        return [int(np.prod(s, dtype=np.int64)) for s in self.in_shapes]
+
+    @property
+    def out_sizes(self) -> list[int]:
+        return [int(np.prod(s, dtype=np.int64)) for s in self.out_shapes]
+
+    @property
+    def total_outputs(self) -> int:
+        return sum(self.out_sizes)
+
+    def flat_output(self, xs):
+        outs = self.call(xs)
+        flat = [B.flatten_samples(o) for o in outs]
+        if len(flat) > 1:
+            flat = [f if f.dtype == flat[0].dtype else B.convert(f, flat[0].dtype) for f in flat]
+        return B.concat(flat, axis=1)
+
+
+def _is_keras_layer(fn) -> bool:
+    try:
+        import keras
+    except ImportError:  # pragma: no cover
+        return False
+    return isinstance(fn, keras.layers.Layer)
+
+
+def symbolic_io(model, which: str):
+    """A Keras model's symbolic inputs or outputs (``which`` is "input" or "output"), keeping
+    their nesting; ``None`` for a model with no functional graph (subclassed, not built)."""
+    try:
+        return getattr(model, which)
+    except (AttributeError, ValueError):
+        pass
+    try:
+        leaves = getattr(model, which + "s")
+    except (AttributeError, ValueError):
+        return None
+    if not leaves:
+        return None
+    return leaves[0] if len(leaves) == 1 else list(leaves)
+
+
+def _model_input_spec(fn):
+    """The model's symbolic inputs as ``(leaves, structure)``, or ``None`` if it has none."""
+    spec = symbolic_io(fn, "input")
+    if spec is None:
+        return None
+    return flatten(spec, "model.input")
+
+
+def _make_call(fn, training: bool, model_structure: Structure | None):
+    """Wraps ``fn`` into ``call(list_of_tensors) -> list_of_output_tensors``."""
+    keras_layer = _is_keras_layer(fn)
+
+    def to_model_inputs(xs):
+        if model_structure is None:
+            return xs[0] if len(xs) == 1 else list(xs)
+        return unflatten(list(xs), model_structure)
+
+    def outputs_to_list(out):
+        leaves, _ = flatten(out, "outputs")
+        return leaves
+
+    if keras_layer and training and getattr(fn, "stateless_call", None) is not None:
+        # training=True must not update BatchNorm statistics (or anything): run statelessly.
+        def call(xs):
+            trainable = [v.value for v in fn.trainable_variables]
+            non_trainable = [v.value for v in fn.non_trainable_variables]
+            out, _ = fn.stateless_call(trainable, non_trainable, to_model_inputs(xs), training=True)
+            return outputs_to_list(out)
+
+    elif keras_layer:
+
+        def call(xs):
+            return outputs_to_list(fn(to_model_inputs(xs), training=training))
+
+    else:
+
+        def call(xs):
+            return outputs_to_list(fn(to_model_inputs(xs)))
+
+    return call
+
+
+def _estimate_activation_bytes(fn, itemsize: int, fallback: int) -> tuple[int, bool]:
+    """Rough bytes of activations per sample (sum of layer outputs), and whether it is recurrent."""
+    total, recurrent = 0, False
+    layers = getattr(fn, "layers", None)
+    if not layers:
+        return fallback, False
+    stack = list(layers)
+    while stack:
+        layer = stack.pop()
+        name = type(layer).__name__
+        if any(h in name for h in _RECURRENT_HINTS):
+            recurrent = True
+        if getattr(layer, "layers", None):
+            stack.extend(layer.layers)
+        try:
+            outs, _ = flatten(layer.output, "output")
+            for o in outs:
+                total += int(np.prod([d or 1 for d in o.shape[1:]])) * itemsize
+        except Exception:
+            continue
+    return max(total, fallback), recurrent
+
+
+def _prepare_target(fn, x, training: bool) -> tuple[_Target, list]:
+    """Checks ``x`` against ``fn`` and converts it; returns the target and the input tensors."""
+    if not callable(fn):
+        raise TypeError(
+            f"`fn` must be a keras.Model or a callable built of TensorFlow ops; received an object "
+            f"of type {type(fn).__name__}."
+        )
+    if not isinstance(training, bool):
+        raise TypeError(invalid_value("training", training, "True or False"))
+    leaves, structure = flatten(x)
+    names = structure.names()
+    for leaf, name in zip(leaves, names):
+        check_numeric(leaf, name)
+
+    spec = _model_input_spec(fn) if _is_keras_layer(fn) else None
+    model_structure = None
+    dtypes: list = []
+    if spec is not None:
+        spec_leaves, model_structure = spec
+        leaves, names = _match_inputs(leaves, structure, spec_leaves, model_structure)
+        for leaf, name, s in zip(leaves, names, spec_leaves):
+            input_name = getattr(s, "name", None)
+            check_against_spec(leaf, name, s.shape, input_name if len(spec_leaves) > 1 else None)
+            if not B.is_floating(s.dtype):
+                raise TypeError(
+                    f"Model input {input_name!r} (`{name}`) has dtype {s.dtype}: an integer input "
+                    f"(e.g. Embedding indices) is not differentiable, so it has no Jacobian. "
+                    f"Differentiate with respect to a floating input, or with respect to the "
+                    f"embedding's output instead."
+                )
+            dtypes.append(s.dtype)
+    else:
+        for leaf, name in zip(leaves, names):
+            if len(leaf.shape) < 1:
+                raise ValueError(
+                    f"`{name}` is a scalar; expected an array with a batch axis first, "
+                    f"(batch, *input_shape). Use np.reshape({name}, (1, 1)) for one sample."
+                )
+            if int(leaf.shape[0]) == 0:
+                raise ValueError(f"`{name}` has an empty batch: shape {format_shape(leaf.shape)}.")
+            dt = check_numeric(leaf, name)
+            dtypes.append(dt if dt.kind == "f" else _floatx())
+    # One compute dtype for all inputs (the model's), so that the Jacobian comes back in it.
+    dtype = dtypes[0]
+    tensors = [B.convert(leaf, dt) for leaf, dt in zip(leaves, dtypes)]
+    batch = {int(t.shape[0]) for t in tensors if t.shape[0] is not None}
+    if len(batch) > 1:
+        raise ValueError(
+            "All inputs must have the same batch size; received batch sizes "
+            f"{[int(t.shape[0]) for t in tensors]} for {names}."
+        )
+    in_shapes = [tuple(int(d) for d in t.shape[1:]) for t in tensors]
+    call = _make_call(fn, training, model_structure)
+    itemsize = np.dtype(B.dtype_name(dtype)).itemsize
+    fallback = 8 * sum(int(np.prod(s)) for s in in_shapes) * itemsize
+    act_bytes, recurrent = _estimate_activation_bytes(fn, itemsize, fallback)
+    target = _Target(
+        fn, call, structure, names, in_shapes, dtype, act_bytes=act_bytes, recurrent=recurrent
+    )
+    return target, tensors
+
+
+def _floatx():
+    try:
+        import keras
+
+        return np.dtype(keras.config.floatx())
+    except Exception:  # pragma: no cover
+        return np.dtype("float32")
+
+
+def _match_inputs(leaves, structure, spec_leaves, model_structure):
+    """Puts the caller's inputs in the order of the model's inputs."""
+    n_model = len(spec_leaves)
+    spec_names = [getattr(s, "name", str(i)) for i, s in enumerate(spec_leaves)]
+    if structure.kind == DICT:
+        if model_structure.kind == DICT:
+            keys = list(model_structure.keys)
+        else:
+            keys = spec_names
+        given = dict(zip(structure.keys, leaves))
+        missing = [k for k in keys if k not in given]
+        extra = [k for k in given if k not in keys]
+        if missing or extra:
+            raise ValueError(
+                f"`x` is a dict with keys {list(given)}, but the model's inputs are {keys}. "
+                f"Missing: {missing}; unexpected: {extra}."
+            )
+        return [given[k] for k in keys], [f"x[{k!r}]" for k in keys]
+    if len(leaves) != n_model:
+        kind = "one array" if structure.kind == SINGLE else f"{len(leaves)} arrays"
+        raise ValueError(
+            f"The model has {n_model} input{'s' if n_model != 1 else ''} {spec_names}, but `x` "
+            f"holds {kind}. Pass {'a list (or dict) of ' + str(n_model) + ' arrays' if n_model > 1 else 'one array'}, "
+            "each with a batch axis first."
+        )
+    return leaves, structure.names()
+
+
+def _infer_outputs(target: _Target, tensors: list) -> None:
+    """Learns the output structure and per-sample shapes (symbolic shapes, else one probe sample)."""
+    fn = target.fn
+    outs = None
+    if _is_keras_layer(fn):
+        try:
+            outs, structure = flatten(symbolic_io(fn, "output"), "model.output")
+            shapes = [tuple(o.shape[1:]) for o in outs]
+            if any(d is None for s in shapes for d in s):
+                outs = None
+        except Exception:
+            outs = None
+    if outs is None:
+        probe = [t[:1] for t in tensors]
+        out = target.call(probe)
+        try:
+            real = fn(unflatten(probe, target.in_structure)) if not _is_keras_layer(fn) else None
+        except Exception:
+            real = None
+        _, structure = flatten(real, "outputs") if real is not None else (None, None)
+        if structure is None:
+            structure = (
+                Structure(SINGLE) if len(out) == 1 else Structure("list", tuple(range(len(out))))
+            )
+        shapes = [tuple(int(d) for d in o.shape[1:]) for o in out]
+    target.out_structure = structure
+    target.out_shapes = [tuple(int(d) for d in s) for s in shapes]
+
+
+# --------------------------------------------------------------------------------------------------
+# Output selection
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Selection:
+    rows: np.ndarray | None  # (m,) flat indices into the concatenated outputs; None with top_k
+    groups: list  # per output: (start, stop) rows of the selection, or None when not selected
+    full: bool  # every output element, in order: reshape rows to the output shapes
+    top_k: int | None = None
+
+    @property
+    def size(self) -> int:
+        return self.top_k if self.top_k is not None else len(self.rows)
+
+
+def _select(target: _Target, outputs, top_k) -> _Selection:
+    sizes = target.out_sizes
+    offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+    n_out = len(sizes)
+    if outputs is not None and top_k is not None:
+        raise ValueError("Pass either `outputs` or `top_k`, not both.")
+    if top_k is not None:
+        if isinstance(top_k, bool) or not isinstance(top_k, int | np.integer) or top_k < 1:
+            raise ValueError(invalid_value("top_k", top_k, "a positive integer"))
+        if n_out != 1:
+            raise ValueError(
+                f"`top_k` needs a model with one output; this one has {n_out}. Select output "
+                "elements with `outputs=` instead."
+            )
+        if top_k > sizes[0]:
+            raise ValueError(
+                f"`top_k={top_k}` is larger than the number of outputs, {sizes[0]} "
+                f"(output shape {format_shape(target.out_shapes[0])})."
+            )
+        return _Selection(None, [(0, int(top_k))], full=False, top_k=int(top_k))
+    if outputs is None:
+        rows = np.arange(offsets[-1], dtype=np.int64)
+        return _Selection(
+            rows, [(int(offsets[o]), int(offsets[o + 1])) for o in range(n_out)], full=True
+        )
+    if n_out == 1:
+        per_output = [outputs]
+    else:
+        per_output = _per_output_selection(outputs, target.out_structure)
+    rows, groups, start = [], [], 0
+    for o, sel in enumerate(per_output):
+        if sel is None:
+            idx = np.arange(sizes[o])
+        else:
+            idx = _check_indices(
+                sel, sizes[o], target.out_shapes[o], "outputs" if n_out == 1 else f"outputs[{o}]"
+            )
+        rows.append(idx + offsets[o])
+        groups.append((start, start + len(idx)))
+        start += len(idx)
+    return _Selection(np.concatenate(rows).astype(np.int64), groups, full=False)
+
+
+def _per_output_selection(outputs, out_structure: Structure):
+    if out_structure.kind == DICT and isinstance(outputs, dict):
+        extra = [k for k in outputs if k not in out_structure.keys]
+        if extra:
+            raise ValueError(
+                f"`outputs` names {extra}, which are not outputs of the model; its outputs are "
+                f"{list(out_structure.keys)}."
+            )
+        return [outputs.get(k) for k in out_structure.keys]
+    if (
+        isinstance(outputs, list | tuple)
+        and len(outputs) == len(out_structure)
+        and all(o is None or not isinstance(o, int | np.integer) for o in outputs)
+    ):
+        return list(outputs)
+    raise ValueError(
+        f"The model has {len(out_structure)} outputs, so `outputs` must be a list (or dict) with one "
+        f"entry per output, each a list of flat indices or None for all; received outputs={outputs!r}."
+    )
+
+
+def _check_indices(sel, size: int, shape: tuple, argument: str) -> np.ndarray:
+    if isinstance(sel, int | np.integer) and not isinstance(sel, bool):
+        sel = [sel]
+    arr = np.asarray(sel)
+    if arr.ndim != 1 or arr.size == 0 or arr.dtype.kind not in "iu":
+        raise ValueError(
+            invalid_value(
+                argument, sel, "a non-empty list of integer flat output indices, e.g. [0, 3, 7]"
+            )
+        )
+    bad = arr[(arr < 0) | (arr >= size)]
+    if bad.size:
+        raise ValueError(
+            f"`{argument}` holds index {int(bad[0])}, which is out of range for an output of "
+            f"{size} elements (per-sample shape {format_shape(shape)}); valid flat indices are "
+            f"0..{size - 1}."
+        )
+    return arr.astype(np.int64)
+
+
+# --------------------------------------------------------------------------------------------------
+# Blocks: the compiled units of work
+# --------------------------------------------------------------------------------------------------
+
+
+def _reverse_block(target: _Target, vectorized: bool):
+    """``(xs, sel (b, c)) -> [ (b, c, *in_shape_i) ]``: one forward pass, then c backward passes.
+
+    The loop form unrolls the c backward passes into one graph (c is static per compiled function):
+    on CPU that measured about 2x faster than a ``while_loop`` over the seeds, as TensorFlow runs
+    independent backward passes side by side.
+    """
+    M = target.total_outputs
+
+    def block(xs, sel):
+        y, vjp_fn = B.vjp(target.flat_output, xs)
+
+        def row(col):  # col: (b,) output index per sample
+            return vjp_fn(B.one_hot(col, M, y.dtype))
+
+        if vectorized:
+            rows = B.map_rows(row, B.transpose_first_two(sel), vectorized=True)
+            return [B.transpose_first_two(r) for r in rows]
+        per_seed = [row(sel[:, j]) for j in range(B.shape_of(sel)[1])]
+        return [B.stack(list(grads), axis=1) for grads in zip(*per_seed)]
+
+    return block
+
+
+def _forward_block(target: _Target, which: int):
+    """``(xs, cols (c,), sel (b, m)) -> (b, m, c)``: columns ``cols`` of input ``which``."""
+    n = target.in_sizes[which]
+    shape = target.in_shapes[which]
+
+    def block(xs, cols, sel):
+        c = B.dim(cols, 0)
+        b = B.dim(xs[0], 0)
+        xs_rep = [B.repeat_samples(x, c) for x in xs]
+        tangent = B.basis_tangents(cols, n, shape, b, xs[which].dtype)
+        tangents = [tangent if i == which else None for i in range(len(xs))]
+        _, y_dot = B.jvp(target.flat_output, xs_rep, tangents)
+        y_dot = B.reshape(y_dot, (b, c, -1))
+        picked = B.gather_columns(y_dot, sel)  # (b, c, m)
+        return B.transpose(picked, (0, 2, 1))
+
+    return block
+
+
+def _predict_block(target: _Target):
+    def block(xs):
+        return target.flat_output(xs)
+
+    return block
+
+
+# Compiled functions, cached per callable (weakly) and per input signature.
+_CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_CACHE_STRONG: dict = {}  # for callables that cannot be weakly referenced
+
+
+def _cache_for(fn) -> dict:
+    try:
+        return _CACHE.setdefault(fn, {})
+    except TypeError:
+        return _CACHE_STRONG.setdefault(id(fn), {})
+
+
+def _compiled(target: _Target, kind: str, training: bool, jit_compile: bool, extra=None):
+    key = (
+        kind,
+        training,
+        jit_compile,
+        extra,
+        tuple(target.in_shapes),
+        B.dtype_name(target.dtype),
+        target.in_structure,
+    )
+    cache = _cache_for(target.fn)
+    if key in cache:
+        return cache[key]
+    xs_sig = [B.tensor_spec((None, *s), target.dtype) for s in target.in_shapes]
+    if kind in ("loop", "pfor"):
+        block = _reverse_block(target, vectorized=(kind == "pfor"))
+        sig = [xs_sig, B.tensor_spec((None, extra), "int32")]
+    elif kind == "forward":
+        block = _forward_block(target, extra)
+        sig = [xs_sig, B.tensor_spec((None,), "int32"), B.tensor_spec((None, None), "int32")]
+    elif kind == "predict":
+        block = _predict_block(target)
+        sig = [xs_sig]
+    else:  # pragma: no cover
+        raise AssertionError(kind)
+    fn = B.compile_function(block, sig, jit_compile=jit_compile)
+    cache[key] = fn
+    return fn
+
+
+def trace_count(fn) -> int:
+    """How many times augnet traced (compiled) functions for ``fn`` — for tests and diagnostics."""
+    cache = _cache_for(fn)
+    return sum(
+        f.experimental_get_tracing_count()
+        for f in cache.values()
+        if hasattr(f, "experimental_get_tracing_count")
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# Planning: strategy and chunk sizes
+# --------------------------------------------------------------------------------------------------
+
+
+_UNITS = {
+    "": 1,
+    "b": 1,
+    "k": 1e3,
+    "kb": 1e3,
+    "m": 1e6,
+    "mb": 1e6,
+    "g": 1e9,
+    "gb": 1e9,
+    "t": 1e12,
+    "tb": 1e12,
+    "kib": 1024,
+    "mib": 1024**2,
+    "gib": 1024**3,
+    "tib": 1024**4,
+}
+
+
+def parse_memory(value) -> int | None:
+    """``"2GB"``, ``"512MiB"``, ``2e9`` or ``None`` -> bytes (or ``None``)."""
+    if value is None:
+        return None
+    if isinstance(value, int | float | np.integer | np.floating) and not isinstance(value, bool):
+        if value <= 0:
+            raise ValueError(
+                invalid_value(
+                    "max_memory", value, "a positive number of bytes or a string like '2GB'"
+                )
+            )
+        return int(value)
+    if isinstance(value, str):
+        m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", value)
+        if m and m.group(2).lower() in _UNITS and float(m.group(1)) > 0:
+            return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+    raise ValueError(
+        invalid_value(
+            "max_memory",
+            value,
+            "a positive number of bytes or a string like '2GB', '512MB', '1.5GiB'",
+        )
+    )
+
+
+def _check_positive_int(value, argument):
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 1:
+        raise ValueError(invalid_value(argument, value, "a positive integer or None"))
+    return int(value)
+
+
+def choose_strategy(target: _Target, m: int, training: bool) -> str:
+    """The ``"auto"`` rule: forward mode for tall Jacobians, else the reverse loop.
+
+    Measured on a 2-core CPU (benchmarks/RESULTS.md): one forward pass plus one backward pass per
+    output ("loop") is the fastest reverse mode for convolutional and recurrent networks; pfor wins
+    only for small dense networks; forward mode costs about one pass per input element and wins
+    when the input elements are far fewer than the selected outputs.
+    """
+    n = sum(target.in_sizes)
+    if not training and not target.recurrent and 2 * n <= m:
+        return "forward"
+    if not training and not target.recurrent and _is_small_dense(target):
+        return "pfor"
+    return "loop"
+
+
+def _is_small_dense(target: _Target) -> bool:
+    layers = getattr(target.fn, "layers", None)
+    if not layers:
+        return False
+    kinds = {type(layer).__name__ for layer in layers}
+    dense_only = kinds <= {
+        "InputLayer",
+        "Dense",
+        "Activation",
+        "Dropout",
+        "Flatten",
+        "Reshape",
+        "Concatenate",
+        "Add",
+    }
+    return dense_only and target.act_bytes < 64 * 1024
+
+
+def _plan(
+    target: _Target, strategy: str, n_samples: int, m: int, batch_size, chunk_size, max_memory
+):
+    """Chooses (samples per pass, chunk per pass) so that one pass fits the memory budget."""
+    itemsize = np.dtype(B.dtype_name(target.dtype)).itemsize
+    n = sum(target.in_sizes)
+    act = target.act_bytes
+    M = target.total_outputs
+    budget = max_memory or DEFAULT_MAX_MEMORY
+
+    if strategy == "forward":
+        total_chunk = max(target.in_sizes)
+
+        def cost(b, c):  # tiled forward of b*c samples, plus the (b, m, n) result block
+            return b * c * (2 * act + M * itemsize) + 2 * b * m * n * itemsize
+    elif strategy == "pfor":
+        total_chunk = m
+
+        def cost(b, c):
+            return b * act * (2 + c) + 3 * b * c * n * itemsize
+    else:
+        total_chunk = min(m, MAX_UNROLL)
+
+        def cost(b, c):
+            return 3 * b * act + 3 * b * c * n * itemsize
+
+    b = batch_size or n_samples
+    c = chunk_size or total_chunk
+    b, c = min(b, n_samples), min(c, total_chunk)
+    if max_memory is not None or batch_size is None or chunk_size is None:
+        while cost(b, c) > budget and (c > 1 or b > 1):
+            if chunk_size is None and c > 1 and (batch_size is not None or c * 4 >= b or b == 1):
+                c = max(1, c // 2)
+            elif batch_size is None and b > 1:
+                b = max(1, b // 2)
+            elif chunk_size is None and c > 1:
+                c = max(1, c // 2)
+            else:
+                break
+        if cost(b, c) > budget:
+            logger.warning(
+                "One pass needs about %.2f GB, more than the memory budget of %.2f GB, even at "
+                "batch_size=%d, chunk_size=%d.",
+                cost(b, c) / 1e9,
+                budget / 1e9,
+                b,
+                c,
+            )
+    return b, c
+
+
+# --------------------------------------------------------------------------------------------------
+# The public functions
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Run:
+    target: _Target
+    tensors: list
+    selection: _Selection
+    strategy: str
+    batch_size: int
+    chunk_size: int
+    training: bool
+    jit_compile: bool
+
+    @property
+    def n_samples(self) -> int:
+        return int(self.tensors[0].shape[0])
+
+
+def _setup(
+    fn, x, outputs, top_k, training, strategy, batch_size, chunk_size, max_memory, jit_compile
+) -> _Run:
+    if strategy not in STRATEGIES:
+        raise ValueError(invalid_value("strategy", strategy, f"one of {STRATEGIES}"))
+    batch_size = _check_positive_int(batch_size, "batch_size")
+    chunk_size = _check_positive_int(chunk_size, "chunk_size")
+    max_memory = parse_memory(max_memory)
+    target, tensors = _prepare_target(fn, x, training)
+    _infer_outputs(target, tensors)
+    selection = _select(target, outputs, top_k)
+    if strategy == "auto":
+        strategy = choose_strategy(target, selection.size, training)
+    elif strategy == "forward" and training:
+        raise ValueError(
+            "strategy='forward' tiles the batch, which would change batch statistics with "
+            "training=True; use strategy='loop' or 'pfor' with training=True."
+        )
+    n_samples = int(tensors[0].shape[0]) if tensors[0].shape[0] is not None else 1
+    b, c = _plan(target, strategy, n_samples, selection.size, batch_size, chunk_size, max_memory)
+    logger.debug("augnet.jacobian: strategy=%s batch_size=%d chunk_size=%d", strategy, b, c)
+    return _Run(target, tensors, selection, strategy, b, c, training, bool(jit_compile))
+
+
+def _iter_blocks(run: _Run) -> Iterator[tuple[slice, np.ndarray, list]]:
+    """Yields ``(samples, output_indices, [ (b, c, *in_shape_i) per input ])`` as NumPy."""
+    target, sel = run.target, run.selection
+    n_samples = run.n_samples
+    kind = run.strategy
+    for s0 in range(0, n_samples, run.batch_size):
+        s1 = min(n_samples, s0 + run.batch_size)
+        xs = [t[s0:s1] for t in run.tensors]
+        b = s1 - s0
+        if sel.top_k is not None:
+            predict = _compiled(target, "predict", run.training, run.jit_compile)
+            preds = B.to_numpy(predict(xs))
+            order = np.argsort(-preds, axis=1, kind="stable")[:, : sel.top_k]
+            rows_all = order.astype(np.int64)  # (b, k)
+        else:
+            rows_all = np.broadcast_to(sel.rows, (b, len(sel.rows)))
+        if kind == "forward":
+            values = [
+                np.empty((b, sel.size, *s), dtype=B.dtype_name(target.dtype))
+                for s in target.in_shapes
+            ]
+            sel_t = rows_all.astype(np.int32)
+            for i, n_i in enumerate(target.in_sizes):
+                fwd = _compiled(target, "forward", run.training, run.jit_compile, extra=i)
+                flat = values[i].reshape(b, sel.size, n_i)
+                for c0 in range(0, n_i, run.chunk_size):
+                    c1 = min(n_i, c0 + run.chunk_size)
+                    cols = np.arange(c0, c1, dtype=np.int32)
+                    flat[:, :, c0:c1] = B.to_numpy(fwd(xs, cols, sel_t))
+            outs = rows_all if sel.top_k is not None else sel.rows
+            yield slice(s0, s1), outs, values
+        else:
+            for c0 in range(0, sel.size, run.chunk_size):
+                c1 = min(sel.size, c0 + run.chunk_size)
+                chunk = np.ascontiguousarray(rows_all[:, c0:c1]).astype(np.int32)
+                width = c1 - c0 if kind == "loop" else None  # the loop is unrolled: static width
+                rev = _compiled(target, kind, run.training, run.jit_compile, extra=width)
+                blocks = rev(xs, chunk)
+                outs = rows_all[:, c0:c1] if sel.top_k is not None else sel.rows[c0:c1]
+                yield slice(s0, s1), outs, [B.to_numpy(v) for v in blocks]
+
+
+def _restore_state(fn, training: bool):
+    """Snapshots a Keras model's non-trainable state; returns a function that restores it.
+
+    Inference calls change nothing, and training-mode calls run statelessly; this is a second line
+    of defence for custom layers that assign to their variables in ``call`` with ``training=True``.
+    """
+    keep = training and _is_keras_layer(fn)
+    variables = list(getattr(fn, "non_trainable_variables", []) or []) if keep else []
+    saved = [np.array(v.numpy()) for v in variables]
+
+    def restore():
+        for v, value in zip(variables, saved):
+            if not np.array_equal(v.numpy(), value):
+                v.assign(value)
+
+    return restore
+
+
+def iter_jacobian(
+    fn,
+    x,
+    *,
+    outputs=None,
+    top_k: int | None = None,
+    training: bool = False,
+    strategy: str = "auto",
+    batch_size: int | None = None,
+    chunk_size: int | None = None,
+    max_memory=None,
+    jit_compile: bool = False,
+) -> Iterator[JacobianChunk]:
+    """Streams the per-sample Jacobian block by block, in bounded memory.
+
+    Same arguments as :func:`jacobian`. Each block covers ``batch_size`` samples and ``chunk_size``
+    outputs (all selected outputs at once in forward mode), so that one pass fits ``max_memory``.
+
+    Yields:
+        :class:`JacobianChunk` ``(samples, outputs, values)`` with ``values`` of shape
+        ``(b, c, *input_shape)`` (a list/dict per input for several inputs) and ``outputs`` the flat
+        indices of its rows (``(c,)``, or ``(b, c)`` per sample with ``top_k``).
+
+    Example:
+        >>> for chunk in augnet.iter_jacobian(model, x, max_memory="2GB"):  # doctest: +SKIP
+        ...     out[chunk.samples, chunk_start:chunk_end] = chunk.values
+    """
+    if B.is_symbolic():
+        raise RuntimeError(
+            "iter_jacobian runs eagerly; inside tf.function call augnet.jacobian instead."
+        )
+    run = _setup(
+        fn, x, outputs, top_k, training, strategy, batch_size, chunk_size, max_memory, jit_compile
+    )
+    restore = _restore_state(fn, run.training)
+    try:
+        for samples, outs, values in _iter_blocks(run):
+            yield JacobianChunk(
+                samples, np.asarray(outs), unflatten(values, run.target.in_structure)
+            )
+    finally:
+        restore()
+
+
+def jacobian(
+    fn,
+    x,
+    *,
+    outputs=None,
+    top_k: int | None = None,
+    training: bool = False,
+    strategy: str = "auto",
+    batch_size: int | None = None,
+    chunk_size: int | None = None,
+    max_memory=None,
+    jit_compile: bool = False,
+):
+    """The exact per-sample Jacobian ∂fn(x)/∂x.
+
+    Args:
+        fn: a ``keras.Model`` (called as ``fn(x, training=training)``) or any callable built of
+            TensorFlow ops (called as ``fn(x)``). Samples must be independent (no batch statistics).
+        x: ``(batch, *input_shape)`` NumPy array or tensor, or a list/tuple/dict of them for a
+            model with several inputs. Cast to the model's input dtype (float16/32/64 kept).
+        outputs: select output elements by flat index (per sample): ``[0, 3, 7]`` gives
+            ``(batch, 3, *input_shape)``. For a model with several outputs, a list/dict with one
+            entry per output (a list of indices, or ``None`` for all of it).
+        top_k: per sample, the Jacobians of the ``k`` largest outputs (classifiers); returns a
+            :class:`TopKJacobian` ``(jacobian, indices, values)``.
+        training: ``False`` (default): the model as it predicts (Dropout off, BatchNorm on its moving
+            statistics). ``True``: the training-mode forward pass (Dropout active, so the result is
+            random; BatchNorm on the statistics of each pass's batch, whose cross-sample terms a
+            per-sample Jacobian drops). Never changes the model: BatchNorm statistics are kept.
+        strategy: ``"auto"`` (default), ``"loop"``, ``"pfor"`` or ``"forward"``; all give the same
+            numbers (see the module docstring).
+        batch_size: samples per pass (default: all, within ``max_memory``).
+        chunk_size: outputs per pass (input elements per pass in forward mode).
+        max_memory: a budget for one pass's intermediates, bytes or a string like ``"2GB"``
+            (default 2 GiB); the result itself is on top of it. For Jacobians larger than memory,
+            use :func:`iter_jacobian` or :func:`jacobian_to_npy`.
+        jit_compile: compile with XLA. Off by default: on CPU it was slower in our benchmarks.
+
+    Returns:
+        ``(batch, *output_shape, *input_shape)`` — a NumPy array when called eagerly, a tensor when
+        traced inside ``tf.function``. With ``outputs=`` the output axes become ``(k,)``. For a
+        model with several inputs or outputs, ``J[out][in]``: the outer list/dict follows the
+        model's outputs, the inner one the inputs as given. Outputs that do not depend on an input
+        give zeros.
+
+    Raises:
+        ValueError: a missing batch axis, a wrong shape or number of inputs, an output index out
+            of range, an invalid option.
+        TypeError: a non-numeric input, or an integer model input (not differentiable).
+
+    Example:
+        >>> import numpy as np, keras, augnet
+        >>> model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+        >>> J = augnet.jacobian(model, np.ones((5, 3), "float32"))
+        >>> J.shape
+        (5, 2, 3)
+        >>> np.allclose(J[0], model.layers[0].kernel.numpy().T)
+        True
+    """
+    run = _setup(
+        fn, x, outputs, top_k, training, strategy, batch_size, chunk_size, max_memory, jit_compile
+    )
+    if B.is_symbolic():
+        return _symbolic_jacobian(run)
+    target, sel = run.target, run.selection
+    n_samples = run.n_samples
+    dtype = B.dtype_name(target.dtype)
+    results = [np.empty((n_samples, sel.size, *s), dtype=dtype) for s in target.in_shapes]
+    indices = np.empty((n_samples, sel.size), dtype=np.int64) if sel.top_k is not None else None
+    restore = _restore_state(fn, run.training)
+    try:
+        position = {}
+        for samples, outs, values in _iter_blocks(run):
+            if sel.top_k is not None or run.strategy == "forward":
+                c0 = 0
+            else:
+                c0 = position.get(samples.start, 0)
+            c1 = c0 + values[0].shape[1]
+            for res, v in zip(results, values):
+                res[samples, c0:c1] = v
+            if indices is not None:
+                indices[samples, c0:c1] = outs
+            position[samples.start] = c1
+    finally:
+        restore()
+    return _assemble(run, results, indices)
+
+
+def _assemble(run: _Run, results: list, indices):
+    """Reshapes ``(batch, m, *in_shape)`` blocks into the documented nesting."""
+    target, sel = run.target, run.selection
+    symbolic = not isinstance(results[0], np.ndarray)
+
+    def reshape(a, shape):
+        return B.reshape(a, (-1, *shape)) if symbolic else a.reshape((a.shape[0], *shape))
+
+    if sel.top_k is not None:
+        jac = unflatten(results, target.in_structure)
+        if symbolic:
+            return TopKJacobian(jac, indices[0], indices[1])
+        preds = _outputs_at(run, indices)
+        return TopKJacobian(jac, indices, preds)
+    per_output = []
+    for o, group in enumerate(sel.groups):
+        start, stop = group
+        inner = []
+        for res, in_shape in zip(results, target.in_shapes):
+            block = res[:, start:stop]
+            out_shape = target.out_shapes[o] if sel.full else (stop - start,)
+            inner.append(reshape(block, (*out_shape, *in_shape)))
+        per_output.append(unflatten(inner, target.in_structure))
+    return unflatten(per_output, target.out_structure)
+
+
+def _outputs_at(run: _Run, indices: np.ndarray) -> np.ndarray:
+    predict = _compiled(run.target, "predict", run.training, run.jit_compile)
+    values = np.empty(indices.shape, dtype=B.dtype_name(run.target.dtype))
+    for s0 in range(0, run.n_samples, run.batch_size):
+        s1 = min(run.n_samples, s0 + run.batch_size)
+        preds = B.to_numpy(predict([t[s0:s1] for t in run.tensors]))
+        values[s0:s1] = np.take_along_axis(preds, indices[s0:s1], axis=1)
+    return values
+
+
+def _symbolic_jacobian(run: _Run):
+    """Inside ``tf.function``: one pass over the whole (symbolic) batch, returning tensors."""
+    import tensorflow as tf
+
+    target, sel = run.target, run.selection
+    xs = run.tensors
+    b = tf.shape(xs[0])[0]
+    topk = None
+    if sel.top_k is not None:
+        values, idx = B.top_k(target.flat_output(xs), sel.top_k)
+        rows = idx
+        topk = (idx, values)
+    else:
+        rows = tf.tile(tf.constant(sel.rows, dtype=tf.int32)[None], (b, 1))
+        rows = tf.ensure_shape(rows, (None, sel.size))
+    if run.strategy == "forward":
+        results = []
+        for i, (n_i, shape) in enumerate(zip(target.in_sizes, target.in_shapes)):
+            block = _forward_block(target, i)(
+                xs, tf.range(n_i, dtype=tf.int32), tf.cast(rows, tf.int32)
+            )
+            results.append(tf.reshape(block, (b, sel.size, *shape)))
+    else:
+        results = _reverse_block(target, run.strategy == "pfor")(xs, tf.cast(rows, tf.int32))
+    return _assemble(run, results, topk)
+
+
+def jacobian_to_npy(fn, x, path, *, overwrite: bool = False, **kwargs) -> Path:
+    """Streams the Jacobian of a single-input model into a memory-mapped ``.npy`` file.
+
+    The file holds ``(batch, m, *input_shape)`` (``m`` the selected outputs, all of them flattened
+    by default) and is written under a temporary name, then renamed: a file at ``path`` is always
+    complete. Peak memory is one pass's (``max_memory``), not the whole Jacobian.
+
+    Args:
+        fn, x: as in :func:`jacobian` (one input).
+        path: the ``.npy`` file to write.
+        overwrite: replace an existing file (otherwise ``FileExistsError``).
+        **kwargs: ``outputs``, ``training``, ``strategy``, ``batch_size``, ``chunk_size``,
+            ``max_memory``, ``jit_compile`` as in :func:`jacobian` (not ``top_k``).
+
+    Returns:
+        The path written, which ``np.load(path, mmap_mode="r")`` opens without reading it all.
+    """
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{str(path)!r} exists; pass overwrite=True to replace it.")
+    if "top_k" in kwargs:
+        raise ValueError("jacobian_to_npy does not take `top_k`; select outputs with `outputs=`.")
+    allowed = {
+        "outputs",
+        "training",
+        "strategy",
+        "batch_size",
+        "chunk_size",
+        "max_memory",
+        "jit_compile",
+    }
+    unknown = set(kwargs) - allowed
+    if unknown:
+        raise TypeError(
+            f"jacobian_to_npy() got unexpected keyword arguments {sorted(unknown)}; expected some of {sorted(allowed)}."
+        )
+    run = _setup(
+        fn,
+        x,
+        kwargs.get("outputs"),
+        None,
+        kwargs.get("training", False),
+        kwargs.get("strategy", "auto"),
+        kwargs.get("batch_size"),
+        kwargs.get("chunk_size"),
+        kwargs.get("max_memory"),
+        kwargs.get("jit_compile", False),
+    )
+    if len(run.target.in_shapes) != 1:
+        raise ValueError(
+            f"jacobian_to_npy writes one array, but the model has {len(run.target.in_shapes)} inputs; "
+            "use iter_jacobian and write each input's blocks yourself."
+        )
+    shape = (run.n_samples, run.selection.size, *run.target.in_shapes[0])
+    tmp = path.with_name(path.name + ".partial")
+    out = np.lib.format.open_memmap(
+        tmp, mode="w+", dtype=B.dtype_name(run.target.dtype), shape=shape
+    )
+    restore = _restore_state(fn, run.training)
+    try:
+        position: dict = {}
+        for samples, _, values in _iter_blocks(run):
+            c0 = position.get(samples.start, 0)
+            c1 = c0 + values[0].shape[1]
+            out[samples, c0:c1] = values[0]
+            position[samples.start] = c1
+        out.flush()
+        del out
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            del out
+        except NameError:
+            pass
+        if tmp.exists():
+            tmp.unlink()
+        raise
+    finally:
+        restore()
+    return path
+
+
+def time_strategies(
+    fn, x, strategies: Sequence[str] = ("loop", "pfor", "forward"), repeats: int = 3, **kwargs
+) -> dict:
+    """Median seconds of :func:`jacobian` per strategy (after one warm-up call). For diagnostics."""
+    times = {}
+    for s in strategies:
+        jacobian(fn, x, strategy=s, **kwargs)
+        samples = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            jacobian(fn, x, strategy=s, **kwargs)
+            samples.append(time.perf_counter() - t0)
+        times[s] = float(np.median(samples))
+    return times
+
+
+__all__ = [
+    "STRATEGIES",
+    "JacobianChunk",
+    "TopKJacobian",
+    "choose_strategy",
+    "iter_jacobian",
+    "jacobian",
+    "jacobian_to_npy",
+    "parse_memory",
+    "trace_count",
+]
