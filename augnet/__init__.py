@@ -22,6 +22,13 @@ _EXPORTS = {
     "AugNet": "augnet._model",
     "load_model": "augnet._model",
     "wrap": "augnet._model",
+    # saliency images (NumPy + pillow; no TensorFlow)
+    "render_saliency": "augnet._render",
+    "save_jacobian_images": "augnet._render",
+    "reduce_channels": "augnet._render",
+    "robust_scale": "augnet._render",
+    "colormap_lut": "augnet._render",
+    "contact_sheet": "augnet._report",
 }
 
 __all__ = ["__version__", *_EXPORTS]
