@@ -92,7 +92,7 @@ class InputItem:
     """One model input: an image file, or one row of a ``.npy`` array.
 
     Attributes:
-        path: the file, as an absolute path.
+        path: the file, as an absolute path (symbolic links not resolved).
         row: the row of a ``.npy`` array, ``None`` for an image file.
         name: a short name, unique within the run, used for the per-input output folder.
     """
@@ -147,6 +147,7 @@ def expand_inputs(
     specs: Iterable[str | os.PathLike[str]],
     *,
     array_input_shape: Sequence[int | None] | None = None,
+    reserved: Iterable[str] = (),
 ) -> list[InputItem]:
     """Expand files, folders and glob patterns into a sorted list of inputs.
 
@@ -155,6 +156,7 @@ def expand_inputs(
             or glob patterns (``*``, ``?``, ``[...]``; ``**`` is recursive), in the order given.
         array_input_shape: the model's input shape without the batch axis; a ``.npy`` file of
             exactly this shape counts as one sample, anything else as ``(batch, *input_shape)``.
+        reserved: names no input may take (e.g. the output folder's own files and folders).
 
     Returns:
         ``InputItem`` list, duplicates (the same file reached twice) removed, each with a unique
@@ -202,7 +204,7 @@ def expand_inputs(
     items: list[InputItem] = []
     seen: set[Path] = set()
     for f in files:
-        resolved = f.resolve()
+        resolved = Path(os.path.abspath(f))  # absolute; symlinks kept (no syscall per file)
         if resolved in seen:
             continue
         seen.add(resolved)
@@ -214,7 +216,7 @@ def expand_inputs(
                 items.extend(InputItem(resolved, row=i) for i in range(shape[0]))
         else:
             items.append(InputItem(resolved))
-    return assign_names(items)
+    return assign_names(items, reserved=reserved)
 
 
 def _shape_matches(shape: Sequence[int], expected: Sequence[int | None]) -> bool:
@@ -223,12 +225,13 @@ def _shape_matches(shape: Sequence[int], expected: Sequence[int | None]) -> bool
     )
 
 
-def assign_names(items: Sequence[InputItem]) -> list[InputItem]:
+def assign_names(items: Sequence[InputItem], *, reserved: Iterable[str] = ()) -> list[InputItem]:
     """Give every input a unique, filesystem-safe name (deterministic for a given list).
 
     An image is named after its file stem (``cat.jpg`` -> ``cat``); a row of an array after the
     file stem and the zero-padded row (``batch.npy`` row 7 of 120 -> ``batch_007``). Stems shared
-    by several files get the extension appended (``cat_jpg``, ``cat_png``), and then a counter.
+    by several files get the extension appended (``cat_jpg``, ``cat_png``), and then a counter;
+    so does a name in ``reserved`` (compared case-insensitively).
     """
     rows_per_file: dict[Path, int] = {}
     for it in items:
@@ -247,7 +250,7 @@ def assign_names(items: Sequence[InputItem]) -> list[InputItem]:
     stems: dict[str, int] = {}
     for it in items:
         stems[base(it, False)] = stems.get(base(it, False), 0) + 1
-    used: set[str] = set()
+    used: set[str] = {r.lower() for r in reserved}
     named = []
     for it in items:
         name = base(it, False)

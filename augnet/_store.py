@@ -54,6 +54,7 @@ RUN_FILE = "run.json"
 BATCH_DIR = "batches"
 SHARD_DIR = "jacobians"
 SUMMARY_FILE = "summary.jsonl"
+RESERVED_NAMES = (RUN_FILE, BATCH_DIR, SHARD_DIR, SUMMARY_FILE)  # no input may be named so
 STORE_FORMAT = 1
 _TMP_MARK = ".tmp-"
 
@@ -130,8 +131,8 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes, *, fsync: bool
 
 
 def atomic_write_json(path: str | os.PathLike[str], obj: Any, *, fsync: bool = True) -> Path:
-    """Write ``obj`` as deterministic JSON (sorted keys), atomically."""
-    text = json.dumps(obj, indent=1, sort_keys=True, allow_nan=True) + "\n"
+    """Write ``obj`` as compact JSON (keys in insertion order, so deterministic), atomically."""
+    text = json.dumps(obj, separators=(",", ":"), allow_nan=True) + "\n"
     return atomic_write_bytes(path, text.encode("utf-8"), fsync=fsync)
 
 
@@ -157,10 +158,13 @@ def atomic_save_png(path: str | os.PathLike[str], pixels: np.ndarray) -> Path:
 
 
 def fingerprint(path: str | os.PathLike[str], row: int | None = None) -> dict[str, Any]:
-    """Identity of an input file for resume: absolute path, row, size and mtime (nanoseconds)."""
+    """Identity of an input file for resume: absolute path, row, size and mtime (nanoseconds).
+
+    The path is made absolute without resolving symbolic links (as :func:`expand_inputs` does).
+    """
     st = os.stat(path)
     return {
-        "path": str(Path(path).resolve()),
+        "path": os.path.abspath(path),
         "row": row,
         "size": st.st_size,
         "mtime_ns": st.st_mtime_ns,

@@ -56,6 +56,13 @@ def test_names_are_unique_and_stable(tmp_path):
     assert names == [it.name for it in io.expand_inputs(specs)]
 
 
+def test_reserved_names_are_avoided(tmp_path):
+    for name in ["batches.png", "Jacobians.png", "x.png"]:
+        (tmp_path / name).write_bytes(b"x")
+    items = io.expand_inputs([tmp_path], reserved=("batches", "jacobians"))
+    assert [it.name for it in items] == ["Jacobians_2", "batches_2", "x"]
+
+
 @pytest.mark.parametrize(
     "make, spec, message",
     [

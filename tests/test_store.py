@@ -65,7 +65,7 @@ def _temp_files(folder):
 def test_atomic_write_replaces_whole_file(tmp_path):
     target = tmp_path / "a.json"
     _store.atomic_write_json(target, {"b": 1, "a": [1.5]})
-    assert target.read_text() == '{\n "a": [\n  1.5\n ],\n "b": 1\n}\n'
+    assert target.read_text() == '{"b":1,"a":[1.5]}\n'
     _store.atomic_save_npy(tmp_path / "x.npy", np.arange(3))
     np.testing.assert_array_equal(np.load(tmp_path / "x.npy"), np.arange(3))
     assert not _temp_files(tmp_path)
