@@ -931,9 +931,11 @@ class Job:
 
     def _write_pictures(self, batch, item, display, jac, idx, preds) -> list[str]:
         import augnet._render as render
+        from augnet import _store
 
         a = self.args
         folder = self.out / item.name
+        _store.remove_temp_files(folder)  # left by a process killed while writing here
         files: list[str] = []
         for j, k in enumerate(idx):
             rgb = render.render_saliency(
@@ -1039,11 +1041,32 @@ def _namespace_defaults(**overrides) -> argparse.Namespace:
     return args
 
 
+@contextlib.contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    """``kill PID`` (SIGTERM) stops a run like Ctrl-C: the current batch is cleaned up."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def _run_job(args: argparse.Namespace, *, model=None) -> int:
     job = Job(args, model=model)
     job.prepare()
     try:
-        stats = job.run()
+        with _sigterm_as_interrupt():
+            stats = job.run()
     except BaseException as exc:
         if job.store.has_results():
             with contextlib.suppress(Exception):

@@ -195,7 +195,19 @@ def _batch_files(batch_dir: Path) -> list[Path]:
 
 
 def _is_temp(p: Path) -> bool:
-    return p.name.startswith(".") and _TMP_MARK in p.name
+    """A temporary file of an atomic write (ours: ``.x.tmp-PID-HEX.png``; pictures written by
+    ``augnet._render``/``_report``: ``.x.png.RANDOM.tmp``)."""
+    return p.name.startswith(".") and (_TMP_MARK in p.name or p.name.endswith(".tmp"))
+
+
+def remove_temp_files(folder: str | os.PathLike[str]) -> None:
+    """Delete temporary files left in ``folder`` by a process killed while writing."""
+    folder = Path(folder)
+    if folder.is_dir():
+        for p in folder.iterdir():
+            if _is_temp(p):
+                with contextlib.suppress(OSError):
+                    p.unlink()
 
 
 class RunStore:
@@ -347,11 +359,7 @@ class RunStore:
 
     def _cleanup_temp_files(self) -> None:
         for d in (self.out_dir, self.batch_dir, self.shard_dir):
-            if d.is_dir():
-                for p in d.iterdir():
-                    if _is_temp(p):
-                        with contextlib.suppress(OSError):
-                            p.unlink()
+            remove_temp_files(d)
 
     def is_done(self, key: str, fp: Mapping[str, Any]) -> bool:
         """Whether input ``key`` has a finished entry with the same fingerprint."""

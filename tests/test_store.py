@@ -213,6 +213,11 @@ def test_stale_temp_files_are_cleaned(tmp_path):
     stale.write_text("half")
     RunStore(tmp_path / "out").prepare(SETTINGS)
     assert not stale.exists()
+    (tmp_path / "a").mkdir()
+    for name in [".map.png.x1y2.tmp", ".map.tmp-1-ab.png", "map.png", ".hidden"]:
+        (tmp_path / "a" / name).write_text("x")
+    _store.remove_temp_files(tmp_path / "a")
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == [".hidden", "map.png"]
 
 
 # ----------------------------------------------------------------------------------------------
