@@ -135,7 +135,8 @@ def test_help_answers_fast_without_tensorflow():
         )
         elapsed = time.perf_counter() - start
         assert done.returncode == 0, done.stderr
-        assert elapsed < 2.0, f"--help took {elapsed:.2f} s"
+        # ~0.2 s idle; TensorFlow alone takes ~7 s, so 3 s only fails if it were imported
+        assert elapsed < 3.0, f"--help took {elapsed:.2f} s"
     for option in (
         "--outputs",
         "--top-k",
