@@ -175,3 +175,121 @@ def top_k(y2d, k: int):
 
 def shape_of(t):
     return tuple(t.shape)
+
+
+# --------------------------------------------------------------------------------------------------
+# Primitives for custom derivative rules, connectivity checks and parameter gradients
+# (used by augnet._derivatives, augnet._backward and augnet._analysis)
+# --------------------------------------------------------------------------------------------------
+
+
+def is_float_tensor(t) -> bool:
+    return tf.is_tensor(t) and t.dtype.is_floating
+
+
+def nest_flatten(structure) -> list:
+    return tf.nest.flatten(structure)
+
+
+def nest_pack(structure, flat):
+    return tf.nest.pack_sequence_as(structure, flat)
+
+
+def with_custom_vjp(forward: Callable, xs: Sequence[tf.Tensor], rule_vjp: Callable):
+    """Runs ``forward(xs) -> y`` with its reverse-mode derivative replaced by ``rule_vjp``.
+
+    Args:
+        forward: maps a list of tensors to a tensor or a list/tuple of tensors.
+        xs: the differentiable inputs.
+        rule_vjp: ``rule_vjp(xs, y, upstream) -> list`` of cotangents, one per ``x`` (``None`` for
+            no gradient); ``upstream`` has the structure of ``y``.
+
+    Returns:
+        ``y``. Gradients of any variables ``forward`` reads are ``None`` (the rule replaces them).
+        Forward mode (``ForwardAccumulator``) does not see the rule inside ``tf.function``: use
+        reverse mode (or :func:`jvp_by_vjp`) when rules are active.
+    """
+    xs = list(xs)
+
+    @tf.custom_gradient
+    def wrapped(*args):
+        y = forward(list(args))
+
+        def grad(*upstream, variables=None):
+            up = upstream[0] if len(upstream) == 1 and tf.is_tensor(y) else list(upstream)
+            cots = list(rule_vjp(list(args), y, up))
+            cots = [
+                tf.zeros_like(a) if c is None else tf.cast(tf.convert_to_tensor(c), a.dtype)
+                for a, c in zip(args, cots)
+            ]
+            if variables:
+                return cots, [None] * len(variables)
+            return cots
+
+        return y, grad
+
+    return wrapped(*xs)
+
+
+def gradient_connected(f: Callable, xs: Sequence[tf.Tensor]):
+    """Runs ``f(xs)`` on a tape; returns ``(y, connected)`` where ``connected`` says whether any
+    floating output of ``y`` has a gradient path to any of ``xs`` (``None`` gradients = no path)."""
+    xs = list(xs)
+    with tf.GradientTape(watch_accessed_variables=False) as tape:
+        for x in xs:
+            tape.watch(x)
+        y = f(xs)
+    outs = [o for o in tf.nest.flatten(y) if is_float_tensor(o)]
+    if not outs:
+        return y, False
+    grads = tape.gradient(outs, xs, unconnected_gradients=tf.UnconnectedGradients.NONE)
+    return y, any(g is not None for g in grads)
+
+
+def jvp_by_vjp(f: Callable[[list], tf.Tensor], xs: Sequence[tf.Tensor], tangents: Sequence):
+    """``J·v`` in reverse mode (the double-VJP trick): ``J·v = ∂/∂u (uᵀJ·v)``. Respects custom
+    gradients (derivative rules), which ``ForwardAccumulator`` ignores inside ``tf.function``."""
+    xs = list(xs)
+    with tf.GradientTape(watch_accessed_variables=False) as outer:
+        with tf.GradientTape(watch_accessed_variables=False) as inner:
+            for x in xs:
+                inner.watch(x)
+            y = f(xs)
+        u = tf.zeros_like(y)
+        outer.watch(u)
+        grads = inner.gradient(
+            y, xs, output_gradients=u, unconnected_gradients=tf.UnconnectedGradients.ZERO
+        )
+        total = tf.add_n(
+            [tf.reduce_sum(g * t) for g, t in zip(grads, tangents) if t is not None]
+            or [tf.reduce_sum(u) * 0]
+        )
+    y_dot = outer.gradient(total, u, unconnected_gradients=tf.UnconnectedGradients.ZERO)
+    return y, y_dot
+
+
+def variable_vjp(f: Callable[[], tf.Tensor], variables: Sequence):
+    """One forward pass of ``f()`` recorded for gradients with respect to ``variables``.
+
+    Returns ``(y, vjp_fn)``; ``vjp_fn(cotangent)`` gives dense gradients (zeros where unconnected).
+    """
+    variables = list(variables)
+    with tf.GradientTape(persistent=True, watch_accessed_variables=False) as tape:
+        for v in variables:
+            tape.watch(v)
+        y = f()
+
+    def vjp_fn(cotangent):
+        grads = tape.gradient(
+            y,
+            variables,
+            output_gradients=cotangent,
+            unconnected_gradients=tf.UnconnectedGradients.ZERO,
+        )
+        return [tf.convert_to_tensor(g) for g in grads]
+
+    return y, vjp_fn
+
+
+def stop_gradient(t):
+    return tf.stop_gradient(t)

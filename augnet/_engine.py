@@ -96,6 +96,7 @@ class _Target:
     out_shapes: list[tuple] = field(default_factory=list)
     act_bytes: int = 0  # estimated activation bytes per sample
     recurrent: bool = False
+    rules: Any = None  # active derivative rules (augnet._derivatives.rules_key), part of cache keys
 
     @property
     def in_sizes(self) -> list[int]:
@@ -206,7 +207,7 @@ def _estimate_activation_bytes(fn, itemsize: int, fallback: int) -> tuple[int, b
     return max(total, fallback), recurrent
 
 
-def _prepare_target(fn, x, training: bool) -> tuple[_Target, list]:
+def _prepare_target(fn, x, training: bool, derivatives=None) -> tuple[_Target, list]:
     """Checks ``x`` against ``fn`` and converts it; returns the target and the input tensors."""
     if not callable(fn):
         raise TypeError(
@@ -259,12 +260,16 @@ def _prepare_target(fn, x, training: bool) -> tuple[_Target, list]:
         )
     in_shapes = [tuple(int(d) for d in t.shape[1:]) for t in tensors]
     call = _make_call(fn, training, model_structure)
+    from augnet import _derivatives  # custom derivative rules and the gradient-path check
+
+    call, rules = _derivatives.engine_hook(fn, call, derivatives, tensors)
     itemsize = np.dtype(B.dtype_name(dtype)).itemsize
     fallback = 8 * sum(int(np.prod(s)) for s in in_shapes) * itemsize
     act_bytes, recurrent = _estimate_activation_bytes(fn, itemsize, fallback)
     target = _Target(
         fn, call, structure, names, in_shapes, dtype, act_bytes=act_bytes, recurrent=recurrent
     )
+    target.rules = rules
     return target, tensors
 
 
@@ -511,6 +516,7 @@ def _compiled(target: _Target, kind: str, training: bool, jit_compile: bool, ext
         tuple(target.in_shapes),
         B.dtype_name(target.dtype),
         target.in_structure,
+        target.rules,
     )
     cache = _cache_for(target.fn)
     if key in cache:
@@ -705,18 +711,32 @@ class _Run:
 
 
 def _setup(
-    fn, x, outputs, top_k, training, strategy, batch_size, chunk_size, max_memory, jit_compile
+    fn,
+    x,
+    outputs,
+    top_k,
+    training,
+    strategy,
+    batch_size,
+    chunk_size,
+    max_memory,
+    jit_compile,
+    derivatives=None,
 ) -> _Run:
     if strategy not in STRATEGIES:
         raise ValueError(invalid_value("strategy", strategy, f"one of {STRATEGIES}"))
     batch_size = _check_positive_int(batch_size, "batch_size")
     chunk_size = _check_positive_int(chunk_size, "chunk_size")
     max_memory = parse_memory(max_memory)
-    target, tensors = _prepare_target(fn, x, training)
+    target, tensors = _prepare_target(fn, x, training, derivatives)
     _infer_outputs(target, tensors)
     selection = _select(target, outputs, top_k)
     if strategy == "auto":
         strategy = choose_strategy(target, selection.size, training)
+    if strategy == "forward" and target.rules is not None:
+        # Forward mode ignores custom gradients inside tf.function: rules act in reverse mode.
+        logger.info("augnet.jacobian: derivative rules are active, using strategy='loop'.")
+        strategy = "loop"
     elif strategy == "forward" and training:
         raise ValueError(
             "strategy='forward' tiles the batch, which would change batch statistics with "
@@ -800,6 +820,7 @@ def iter_jacobian(
     chunk_size: int | None = None,
     max_memory=None,
     jit_compile: bool = False,
+    derivatives=None,
 ) -> Iterator[JacobianChunk]:
     """Streams the per-sample Jacobian block by block, in bounded memory.
 
@@ -820,7 +841,17 @@ def iter_jacobian(
             "iter_jacobian runs eagerly; inside tf.function call augnet.jacobian instead."
         )
     run = _setup(
-        fn, x, outputs, top_k, training, strategy, batch_size, chunk_size, max_memory, jit_compile
+        fn,
+        x,
+        outputs,
+        top_k,
+        training,
+        strategy,
+        batch_size,
+        chunk_size,
+        max_memory,
+        jit_compile,
+        derivatives,
     )
     restore = _restore_state(fn, run.training)
     try:
@@ -844,6 +875,8 @@ def jacobian(
     chunk_size: int | None = None,
     max_memory=None,
     jit_compile: bool = False,
+    derivatives=None,
+    wrt=None,
 ):
     """The exact per-sample Jacobian ∂fn(x)/∂x.
 
@@ -869,6 +902,12 @@ def jacobian(
             (default 2 GiB); the result itself is on top of it. For Jacobians larger than memory,
             use :func:`iter_jacobian` or :func:`jacobian_to_npy`.
         jit_compile: compile with XLA. Off by default: on CPU it was slower in our benchmarks.
+        derivatives: ``{LayerClass: rule}`` custom derivative rules for this call, on top of those
+            registered with ``augnet.register_derivative`` (see ``augnet._derivatives``). A Keras
+            layer with no gradient path and no rule raises ``augnet.GradientPathError``.
+        wrt: the name of a layer of ``fn`` (a Keras model): the Jacobian of the outputs with
+            respect to that layer's output activation instead, ``(batch, *output_shape,
+            *activation_shape)`` (see ``augnet.jacobian_wrt``).
 
     Returns:
         ``(batch, *output_shape, *input_shape)`` — a NumPy array when called eagerly, a tensor when
@@ -891,8 +930,35 @@ def jacobian(
         >>> np.allclose(J[0], model.layers[0].kernel.numpy().T)
         True
     """
+    if wrt is not None:
+        from augnet._analysis import jacobian_wrt
+
+        return jacobian_wrt(
+            fn,
+            x,
+            wrt,
+            outputs=outputs,
+            top_k=top_k,
+            training=training,
+            strategy=strategy,
+            batch_size=batch_size,
+            chunk_size=chunk_size,
+            max_memory=max_memory,
+            jit_compile=jit_compile,
+            derivatives=derivatives,
+        )
     run = _setup(
-        fn, x, outputs, top_k, training, strategy, batch_size, chunk_size, max_memory, jit_compile
+        fn,
+        x,
+        outputs,
+        top_k,
+        training,
+        strategy,
+        batch_size,
+        chunk_size,
+        max_memory,
+        jit_compile,
+        derivatives,
     )
     if B.is_symbolic():
         return _symbolic_jacobian(run)
@@ -1013,6 +1079,7 @@ def jacobian_to_npy(fn, x, path, *, overwrite: bool = False, **kwargs) -> Path:
         "chunk_size",
         "max_memory",
         "jit_compile",
+        "derivatives",
     }
     unknown = set(kwargs) - allowed
     if unknown:
@@ -1030,6 +1097,7 @@ def jacobian_to_npy(fn, x, path, *, overwrite: bool = False, **kwargs) -> Path:
         kwargs.get("chunk_size"),
         kwargs.get("max_memory"),
         kwargs.get("jit_compile", False),
+        kwargs.get("derivatives"),
     )
     if len(run.target.in_shapes) != 1:
         raise ValueError(

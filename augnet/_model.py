@@ -37,6 +37,8 @@ class AugNet(keras.Model):
         chunk_size: int | None = None,
         max_memory=None,
         jit_compile: bool = False,
+        derivatives=None,
+        wrt: str | None = None,
     ):
         """The exact per-sample Jacobian of the model's outputs with respect to its inputs.
 
@@ -50,6 +52,10 @@ class AugNet(keras.Model):
                 training-mode forward pass (Dropout active, BatchNorm on batch statistics,
                 cross-sample terms dropped); the model's weights and statistics never change.
             strategy, batch_size, chunk_size, max_memory, jit_compile: see ``augnet.jacobian``.
+            derivatives: ``{LayerClass: rule}`` custom derivative rules (see
+                ``augnet.register_derivative``).
+            wrt: a layer name: the Jacobian with respect to that layer's output activation,
+                ``(batch, *output_shape, *activation_shape)``, instead of the inputs.
 
         Returns:
             ``(batch, *output_shape, *input_shape)`` (``(batch, k, *input_shape)`` with a
@@ -72,11 +78,20 @@ class AugNet(keras.Model):
             chunk_size=chunk_size,
             max_memory=max_memory,
             jit_compile=jit_compile,
+            derivatives=derivatives,
+            wrt=wrt,
         )
 
     def iter_jacobian(self, x, **kwargs):
         """Streams the Jacobian in blocks; see ``augnet.iter_jacobian``."""
         return _engine.iter_jacobian(self, x, **kwargs)
+
+    def backward_model(self, gradient=None, *, jacobian: bool = False, derivatives=None):
+        """A Keras model computing this model's VJP (or Jacobian); see
+        ``augnet.backward_model``."""
+        from augnet._backward import backward_model
+
+        return backward_model(self, gradient, jacobian=jacobian, derivatives=derivatives)
 
 
 def wrap(model) -> AugNet:

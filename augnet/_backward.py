@@ -1,0 +1,362 @@
+"""Vector-Jacobian and Jacobian-vector products per sample, and backward models.
+
+- :func:`vjp` ``(model, x, cotangent)`` -> ``cotangentᵀ·∂y/∂x`` per sample, shaped like ``x``.
+- :func:`jvp` ``(model, x, tangent)`` -> ``∂y/∂x·tangent`` per sample, shaped like the outputs.
+- :func:`backward_model` ``(model, gradient=None, *, jacobian=False)`` -> a ``keras.Model`` that
+  computes the VJP (or the full Jacobian) as its forward pass: it can be summarised, plotted,
+  saved to ``.keras``, loaded back and exported to a SavedModel for serving.
+
+The products go through the autodiff seam (``augnet._backend``) and the engine's target
+machinery, so that inputs and outputs follow the same structure rules as
+``AugNet.return_jacobian`` (one array, or a list/dict of them) and derivative rules apply.
+"""
+
+from __future__ import annotations
+
+import keras
+import numpy as np
+
+from augnet import _backend as B
+from augnet import _derivatives, _engine
+from augnet._errors import format_shape
+from augnet._structure import DICT, SINGLE, flatten, unflatten
+
+# --------------------------------------------------------------------------------------------------
+# VJP and JVP per sample
+# --------------------------------------------------------------------------------------------------
+
+
+def _leaves_like(value, structure, names: list[str], argument: str, what: str) -> list:
+    """Flattens ``value`` in the order of ``names`` (the leaves of ``structure``)."""
+    leaves, given = flatten(value, argument)
+    if structure.kind == DICT:
+        if given.kind != DICT:
+            raise TypeError(
+                f"`{argument}` must be a dict with the keys {list(structure.keys)} of the "
+                f"{what}; received {type(value).__name__}."
+            )
+        by_name = {f"x[{k!r}]": v for k, v in zip(given.keys, leaves)}
+        missing = [n for n in names if n not in by_name]
+        if missing or len(by_name) != len(names):
+            raise ValueError(
+                f"`{argument}` has keys {list(given.keys)}, but the {what} are "
+                f"{list(structure.keys)}. Pass one array per {what[:-1]}."
+            )
+        return [by_name[n] for n in names]
+    if len(leaves) != len(structure):
+        raise ValueError(
+            f"`{argument}` holds {len(leaves)} array(s), but the model has {len(structure)} "
+            f"{what}. Pass {'one array' if structure.kind == SINGLE else 'a list of ' + str(len(structure))}"
+            f" with a batch axis first."
+        )
+    return leaves
+
+
+def _check_batch_shape(leaf, expected: tuple, batch: int, argument: str):
+    shape = tuple(leaf.shape)
+    if shape != (batch, *expected):
+        raise ValueError(
+            f"`{argument}` has shape {format_shape(shape)}, expected {format_shape((batch, *expected))}"
+            f" (batch, *shape) to match the model and `x`. Reshape it, or use np.broadcast_to."
+        )
+
+
+def _to_result(t):
+    return t if B.is_symbolic() else B.to_numpy(t)
+
+
+def _out_names(target) -> list[str]:
+    s = target.out_structure
+    return ["y"] if s.kind == SINGLE else [f"x[{k!r}]" for k in s.keys]
+
+
+def vjp(model, x, cotangent, *, training: bool = False, derivatives=None):
+    """Per-sample vector-Jacobian products ``uᵀ·∂y/∂x`` (one backward pass).
+
+    Args:
+        model: a ``keras.Model`` or a callable built of TensorFlow ops.
+        x: ``(batch, *input_shape)``, or a list/dict of them (as for ``return_jacobian``).
+        cotangent: ``u``, shaped like the outputs: ``(batch, *output_shape)``, or a list/dict with
+            one array per output.
+        training: the forward pass's mode (see ``augnet.jacobian``).
+        derivatives: ``{LayerClass: rule}`` custom derivative rules for this call.
+
+    Returns:
+        ``(batch, *input_shape)`` shaped like ``x`` (the same list/dict structure): sample ``b`` is
+        ``Σ_o u[b, o] · ∂y[b, o]/∂x[b]``.
+
+    Example:
+        >>> g = augnet.vjp(model, x, np.ones((8, 2), "float32"))   # doctest: +SKIP
+        >>> g.shape == x.shape                                      # doctest: +SKIP
+        True
+    """
+    target, tensors = _engine._prepare_target(model, x, training, derivatives)
+    _engine._infer_outputs(target, tensors)
+    batch = int(tensors[0].shape[0])
+    leaves = _leaves_like(
+        cotangent, target.out_structure, _out_names(target), "cotangent", "outputs"
+    )
+    y, vjp_fn = B.vjp(target.flat_output, tensors)
+    flat = []
+    for leaf, shape, name in zip(leaves, target.out_shapes, _out_names(target)):
+        _check_batch_shape(leaf, shape, batch, "cotangent" + name[1:])
+        flat.append(B.flatten_samples(B.convert(leaf, y.dtype)))
+    grads = vjp_fn(B.concat(flat, axis=1))
+    return unflatten([_to_result(g) for g in grads], target.in_structure)
+
+
+def jvp(model, x, tangent, *, training: bool = False, derivatives=None):
+    """Per-sample Jacobian-vector products ``∂y/∂x · v`` (forward mode).
+
+    Args:
+        model: a ``keras.Model`` or a callable built of TensorFlow ops.
+        x: ``(batch, *input_shape)``, or a list/dict of them.
+        tangent: ``v``, shaped like ``x`` (the same list/dict structure).
+        training: the forward pass's mode.
+        derivatives: ``{LayerClass: rule}``. With rules active the product is computed in reverse
+            mode (the double-VJP trick), as TensorFlow's forward mode ignores custom gradients.
+
+    Returns:
+        ``(batch, *output_shape)`` shaped like the outputs (a list/dict for several outputs):
+        sample ``b`` is ``∂y[b]/∂x[b] · v[b]``.
+    """
+    target, tensors = _engine._prepare_target(model, x, training, derivatives)
+    _engine._infer_outputs(target, tensors)
+    batch = int(tensors[0].shape[0])
+    leaves = _leaves_like(tangent, target.in_structure, target.in_names, "tangent", "inputs")
+    tangents = []
+    for leaf, t, shape, name in zip(leaves, tensors, target.in_shapes, target.in_names):
+        _check_batch_shape(leaf, shape, batch, "tangent" + name[1:])
+        tangents.append(B.convert(leaf, t.dtype))
+    product = B.jvp_by_vjp if target.rules is not None else B.jvp
+    _, y_dot = product(target.flat_output, tensors, tangents)
+    outs, start = [], 0
+    for shape, size in zip(target.out_shapes, target.out_sizes):
+        outs.append(_to_result(B.reshape(y_dot[:, start : start + size], (-1, *shape))))
+        start += size
+    return unflatten(outs, target.out_structure)
+
+
+# --------------------------------------------------------------------------------------------------
+# Backward models
+# --------------------------------------------------------------------------------------------------
+
+
+def _io_leaves(model, which: str, argument: str = "model"):
+    io = _engine.symbolic_io(model, which)
+    if io is None:
+        raise TypeError(
+            f"`{argument}` must be a functional or Sequential keras.Model with known inputs and "
+            f"outputs; {type(model).__name__} {getattr(model, 'name', '')!r} has no "
+            f"model.{which}. Build it (call it once on data) or use augnet.vjp(model, x, u)."
+        )
+    return flatten(io, f"model.{which}")
+
+
+class _ModelLayer(keras.layers.Layer):
+    """Common part: holds the forward model (a tracked sublayer, serialised in the config)."""
+
+    def __init__(self, model, derivatives=None, **kwargs):
+        super().__init__(**kwargs)
+        if isinstance(model, dict):
+            model = keras.saving.deserialize_keras_object(model)
+        self.model = model
+        self.derivatives = derivatives  # Python callables: not saved; registered rules are
+        in_leaves, self._in_structure = _io_leaves(model, "input")
+        out_leaves, self._out_structure = _io_leaves(model, "output")
+        self._in_shapes = [tuple(t.shape[1:]) for t in in_leaves]
+        self._out_shapes = [tuple(t.shape[1:]) for t in out_leaves]
+
+    def _forward(self, xs):
+        out = self.model(unflatten(list(xs), self._in_structure), training=False)
+        leaves, _ = flatten(out, "outputs")
+        flat = [B.flatten_samples(o) for o in leaves]
+        flat = [B.convert(f, flat[0].dtype) for f in flat]
+        return B.concat(flat, axis=1)
+
+    def get_config(self):
+        return {**super().get_config(), "model": keras.saving.serialize_keras_object(self.model)}
+
+
+@keras.saving.register_keras_serializable(package="augnet")
+class VJPLayer(_ModelLayer):
+    """``(x[, u]) -> uᵀ·∂model(x)/∂x`` per sample, as a Keras layer.
+
+    Inputs: the model's inputs ``(batch, *input_shape)`` followed, when no fixed ``gradient`` is
+    given, by one cotangent per model output ``(batch, *output_shape)``. Outputs: one array per
+    model input, ``(batch, *input_shape)``.
+    """
+
+    def __init__(self, model, gradient=None, derivatives=None, **kwargs):
+        super().__init__(model, derivatives, **kwargs)
+        if gradient is None:
+            self.gradient = None
+        else:
+            self.gradient = [np.asarray(g, dtype="float64") for g in gradient]
+
+    def call(self, inputs):
+        leaves = list(inputs) if isinstance(inputs, list | tuple) else [inputs]
+        n = len(self._in_shapes)
+        xs, seeds = leaves[:n], leaves[n:]
+        with _derivatives.use_derivatives(self.model, self.derivatives):
+            y, vjp_fn = B.vjp(self._forward, xs)
+        b = B.dim(xs[0], 0)
+        if self.gradient is not None:
+            flat = [
+                B.repeat_samples(B.reshape(B.convert(g, y.dtype), (1, -1)), b)
+                for g in self.gradient
+            ]
+        else:
+            flat = [B.flatten_samples(B.convert(s, y.dtype)) for s in seeds]
+        grads = vjp_fn(B.concat(flat, axis=1))
+        return grads[0] if len(grads) == 1 else list(grads)
+
+    def compute_output_shape(self, input_shape):
+        shapes = [(None, *s) for s in self._in_shapes]
+        return shapes[0] if len(shapes) == 1 else shapes
+
+    def get_config(self):
+        g = None if self.gradient is None else [a.tolist() for a in self.gradient]
+        return {**super().get_config(), "gradient": g}
+
+
+@keras.saving.register_keras_serializable(package="augnet")
+class JacobianLayer(_ModelLayer):
+    """``x -> ∂model(x)/∂x`` per sample, as a Keras layer: ``(batch, *output_shape, *input_shape)``
+    (one output per (model output, model input) pair, outputs major)."""
+
+    def call(self, inputs):
+        leaves = list(inputs) if isinstance(inputs, list | tuple) else [inputs]
+        x = unflatten(leaves, self._in_structure)
+        J = _engine.jacobian(self.model, x, derivatives=self.derivatives, strategy="loop")
+        per_out, _ = flatten(J, "J") if len(self._out_shapes) > 1 else ([J], None)
+        out = []
+        for j in per_out:
+            inner = flatten(j, "J")[0] if len(self._in_shapes) > 1 else [j]
+            out.extend(B.convert(t, t.dtype) for t in inner)
+        return out[0] if len(out) == 1 else out
+
+    def compute_output_shape(self, input_shape):
+        shapes = [(None, *o, *i) for o in self._out_shapes for i in self._in_shapes]
+        return shapes[0] if len(shapes) == 1 else shapes
+
+
+def _seed_list(gradient, model, out_leaves, out_structure) -> list:
+    leaves, given = flatten(gradient, "gradient")
+    if out_structure.kind == DICT and given.kind == DICT:
+        if set(given.keys) != set(out_structure.keys):
+            raise ValueError(
+                f"`gradient` has keys {list(given.keys)}, but the model's outputs are "
+                f"{list(out_structure.keys)}; pass one seed per output."
+            )
+        leaves = [gradient[k] for k in out_structure.keys]
+    elif len(leaves) != len(out_leaves):
+        raise ValueError(
+            f"`gradient` holds {len(leaves)} array(s), but model {model.name!r} has "
+            f"{len(out_leaves)} outputs; pass one seed (shaped like a sample's output) per output."
+        )
+    seeds = []
+    for leaf, o in zip(leaves, out_leaves):
+        arr = np.asarray(leaf, dtype="float64")
+        shape = tuple(o.shape[1:])
+        if arr.shape == (1, *shape):
+            arr = arr[0]
+        if arr.shape != shape:
+            raise ValueError(
+                f"`gradient` has shape {format_shape(arr.shape)}, expected one sample's output "
+                f"shape {format_shape(shape)} (or {format_shape((1, *shape))}); it is the same "
+                "seed for every sample. For a seed per sample, pass gradient=None and give the "
+                "seed as the backward model's second input."
+            )
+        seeds.append(arr)
+    return seeds
+
+
+def backward_model(model, gradient=None, *, jacobian: bool = False, derivatives=None, name=None):
+    """A Keras model computing the vector-Jacobian product (or the Jacobian) of ``model``.
+
+    Args:
+        model: a functional or Sequential ``keras.Model`` (float inputs).
+        gradient: a fixed seed ``u`` over the outputs, shaped like one sample's output
+            ``output_shape`` (a list/dict for several outputs): the backward model maps
+            ``x -> uᵀ·∂y/∂x``. ``None`` (default): the seed is a second input, ``[x, u]`` with
+            ``u`` of shape ``(batch, *output_shape)``.
+        jacobian: ``True`` for the full per-sample Jacobian ``x -> (batch, *output_shape,
+            *input_shape)`` instead (no ``gradient``).
+        derivatives: ``{LayerClass: rule}`` derivative rules for this model object. They are
+            Python functions and are not saved: after loading, rules registered with
+            ``augnet.register_derivative`` apply (register them before loading).
+        name: the backward model's name (default ``"backward_<model.name>"``).
+
+    Returns:
+        A ``keras.Model``: inputs the model's inputs (then one seed per output when
+        ``gradient=None``), outputs ``(batch, *input_shape)`` per model input (the Jacobian:
+        one per output/input pair). It supports ``summary()``, ``keras.utils.plot_model``,
+        ``save("file.keras")`` and ``export(dir)`` (SavedModel, endpoint ``serve``).
+
+    Raises:
+        TypeError: ``model`` is not a functional/Sequential model.
+        ValueError: a seed of the wrong shape, ``gradient`` together with ``jacobian=True``.
+        GradientPathError: a layer without a gradient path and no rule.
+
+    Example:
+        >>> bm = augnet.backward_model(model, gradient=np.ones(2))   # doctest: +SKIP
+        >>> bm.summary()                                             # doctest: +SKIP
+        >>> grads = bm(x)                # (batch, *input_shape)      # doctest: +SKIP
+    """
+    if not isinstance(model, keras.Model):
+        raise TypeError(
+            f"`model` must be a keras.Model; received an object of type {type(model).__name__}."
+        )
+    if jacobian and gradient is not None:
+        raise ValueError(
+            "Pass either `gradient` (a vector-Jacobian product) or jacobian=True (the full "
+            "Jacobian), not both; received both."
+        )
+    in_leaves, in_structure = _io_leaves(model, "input")
+    out_leaves, out_structure = _io_leaves(model, "output")
+    for t in in_leaves:
+        if not B.is_floating(t.dtype):
+            raise TypeError(
+                f"Model input {t.name!r} has dtype {t.dtype}: an integer input has no gradient, "
+                "so no backward model. Differentiate with respect to a floating input."
+            )
+    # The gradient-path check runs eagerly once, on a zero probe sample.
+    probe = [B.convert(np.zeros((1, *t.shape[1:])), t.dtype) for t in in_leaves]
+    _derivatives.check_gradient_paths(
+        model,
+        lambda xs: model(unflatten(list(xs), in_structure), training=False),
+        probe,
+        derivatives,
+    )
+    inputs = [
+        keras.Input(shape=tuple(t.shape[1:]), dtype=t.dtype, name=_clean(t.name, f"input_{i}"))
+        for i, t in enumerate(in_leaves)
+    ]
+    name = name or f"backward_{model.name}"
+    if jacobian:
+        layer = JacobianLayer(model, derivatives=derivatives, name="jacobian")
+        args = inputs
+    elif gradient is None:
+        seeds = [
+            keras.Input(shape=tuple(o.shape[1:]), dtype=o.dtype, name=f"cotangent_{i}")
+            for i, o in enumerate(out_leaves)
+        ]
+        layer = VJPLayer(model, None, derivatives=derivatives, name="vjp")
+        args = inputs + seeds
+        inputs = inputs + seeds
+    else:
+        layer = VJPLayer(
+            model, _seed_list(gradient, model, out_leaves, out_structure), derivatives, name="vjp"
+        )
+        args = inputs
+    outputs = layer(args if len(args) > 1 else args[0])
+    return keras.Model(inputs=inputs if len(inputs) > 1 else inputs[0], outputs=outputs, name=name)
+
+
+def _clean(name, fallback: str) -> str:
+    name = str(name or fallback).split(":")[0].replace("/", "_")
+    return name or fallback
+
+
+__all__ = ["JacobianLayer", "VJPLayer", "backward_model", "jvp", "vjp"]
