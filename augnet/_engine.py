@@ -20,6 +20,7 @@ forward mode input elements, per pass) and ``max_memory`` (from which both are d
 from __future__ import annotations
 
 import logging
+import math
 import os
 import re
 import time
@@ -226,7 +227,7 @@ def _prepare_target(fn, x, training: bool, derivatives=None) -> tuple[_Target, l
     dtypes: list = []
     if spec is not None:
         spec_leaves, model_structure = spec
-        leaves, names = _match_inputs(leaves, structure, spec_leaves, model_structure)
+        leaves, names, structure = _match_inputs(leaves, structure, spec_leaves, model_structure)
         for leaf, name, s in zip(leaves, names, spec_leaves):
             input_name = getattr(s, "name", None)
             check_against_spec(leaf, name, s.shape, input_name if len(spec_leaves) > 1 else None)
@@ -248,6 +249,11 @@ def _prepare_target(fn, x, training: bool, derivatives=None) -> tuple[_Target, l
             if int(leaf.shape[0]) == 0:
                 raise ValueError(f"`{name}` has an empty batch: shape {format_shape(leaf.shape)}.")
             dt = check_numeric(leaf, name)
+            # A Keras model with no functional graph (subclassed) casts its inputs to its compute
+            # dtype: use that, so the Jacobian comes back in it (not in the caller's dtype).
+            model_dtype = getattr(fn, "compute_dtype", None) if _is_keras_layer(fn) else None
+            if model_dtype is not None and B.is_floating(model_dtype):
+                dt = np.dtype(B.dtype_name(model_dtype))
             dtypes.append(dt if dt.kind == "f" else _floatx())
     # One compute dtype for all inputs (the model's), so that the Jacobian comes back in it.
     dtype = dtypes[0]
@@ -299,7 +305,8 @@ def _match_inputs(leaves, structure, spec_leaves, model_structure):
                 f"`x` is a dict with keys {list(given)}, but the model's inputs are {keys}. "
                 f"Missing: {missing}; unexpected: {extra}."
             )
-        return [given[k] for k in keys], [f"x[{k!r}]" for k in keys]
+        # The leaves now follow the model's order: key the results the same way.
+        return [given[k] for k in keys], [f"x[{k!r}]" for k in keys], Structure(DICT, tuple(keys))
     if len(leaves) != n_model:
         kind = "one array" if structure.kind == SINGLE else f"{len(leaves)} arrays"
         raise ValueError(
@@ -307,7 +314,7 @@ def _match_inputs(leaves, structure, spec_leaves, model_structure):
             f"holds {kind}. Pass {'a list (or dict) of ' + str(n_model) + ' arrays' if n_model > 1 else 'one array'}, "
             "each with a batch axis first."
         )
-    return leaves, structure.names()
+    return leaves, structure.names(), structure
 
 
 def _infer_outputs(target: _Target, tensors: list) -> None:
@@ -731,8 +738,11 @@ def _setup(
     target, tensors = _prepare_target(fn, x, training, derivatives)
     _infer_outputs(target, tensors)
     selection = _select(target, outputs, top_k)
+    n_samples = int(tensors[0].shape[0]) if tensors[0].shape[0] is not None else 1
     if strategy == "auto":
-        strategy = choose_strategy(target, selection.size, training)
+        strategy = _auto_strategy(
+            target, tensors, selection, training, n_samples, batch_size, chunk_size, max_memory
+        )
     if strategy == "forward" and target.rules is not None:
         # Forward mode ignores custom gradients inside tf.function: rules act in reverse mode.
         logger.info("augnet.jacobian: derivative rules are active, using strategy='loop'.")
@@ -742,10 +752,102 @@ def _setup(
             "strategy='forward' tiles the batch, which would change batch statistics with "
             "training=True; use strategy='loop' or 'pfor' with training=True."
         )
-    n_samples = int(tensors[0].shape[0]) if tensors[0].shape[0] is not None else 1
+    elif strategy == "forward" and target.recurrent:
+        # TensorFlow's forward mode fails on the RNN while_loop inside tf.function (a cryptic
+        # "dtype variant" TypeError from the layer): say so instead.
+        raise ValueError(
+            "strategy='forward' does not support recurrent layers (LSTM, GRU, RNN): TensorFlow's "
+            "forward mode fails on their loops inside tf.function. Use strategy='loop', 'pfor' "
+            "or 'auto'."
+        )
     b, c = _plan(target, strategy, n_samples, selection.size, batch_size, chunk_size, max_memory)
     logger.debug("augnet.jacobian: strategy=%s batch_size=%d chunk_size=%d", strategy, b, c)
     return _Run(target, tensors, selection, strategy, b, c, training, bool(jit_compile))
+
+
+def auto_candidates(target: _Target, m: int, training: bool) -> list[str]:
+    """The strategies ``"auto"`` considers for ``m`` selected outputs.
+
+    Forward mode alone when a sample's input elements are at most half the selected outputs (a
+    tall Jacobian: one pass per input element beats one per output); otherwise the reverse modes,
+    plus forward mode while the input is not much larger than the output. Forward mode is left out
+    with ``training=True`` (it tiles the batch), recurrent layers (TensorFlow's forward mode fails
+    on their loops) and custom derivative rules (they act in reverse mode).
+    """
+    n = sum(target.in_sizes)
+    forward_ok = not training and not target.recurrent and getattr(target, "rules", None) is None
+    if forward_ok and 2 * n <= m:
+        return ["forward"]
+    candidates = ["loop", "pfor"]
+    if forward_ok and n <= 8 * m:
+        candidates.append("forward")
+    return candidates
+
+
+def _auto_strategy(target, tensors, selection, training, n_samples, batch_size, chunk_size, max_memory):
+    """Resolves ``strategy="auto"``: by rule where one candidate is left, else by timing one block
+    of each candidate once per callable and input signature (cached), extrapolated to the job."""
+    candidates = auto_candidates(target, selection.size, training)
+    if len(candidates) == 1:
+        return candidates[0]
+    if B.is_symbolic():
+        return choose_strategy(target, selection.size, training)
+    key = (
+        "auto",
+        tuple(target.in_shapes),
+        B.dtype_name(target.dtype),
+        training,
+        selection.size,
+        n_samples,
+        batch_size,
+        chunk_size,
+        max_memory,
+        target.in_structure,
+    )
+    cache = _cache_for(target.fn)
+    if key not in cache:
+        estimates = {}
+        for name in candidates:
+            b, c = _plan(target, name, n_samples, selection.size, batch_size, chunk_size, max_memory)
+            run = _Run(target, tensors, selection, name, b, c, training, False)
+            try:
+                estimates[name] = _probe_seconds(run)
+            except Exception as exc:  # a strategy TensorFlow cannot run here: skip it
+                logger.debug("augnet: strategy %r failed in the auto probe: %s", name, exc)
+        if not estimates:
+            return "loop"
+        cache[key] = min(estimates, key=estimates.get)
+        logger.debug("augnet: auto strategy estimates (s): %s -> %s", estimates, cache[key])
+    return cache[key]
+
+
+def _probe_seconds(run: _Run) -> float:
+    """Seconds the whole job would take with ``run.strategy``, from one timed block after warm-up."""
+    target, sel = run.target, run.selection
+    b = min(run.batch_size, run.n_samples)
+    xs = [t[:b] for t in run.tensors]
+    rows = np.arange(sel.size) if sel.rows is None else sel.rows  # top_k: any k rows cost the same
+    rows = np.ascontiguousarray(np.broadcast_to(rows, (b, sel.size))).astype(np.int32)
+    sample_blocks = math.ceil(run.n_samples / b)
+    if run.strategy == "forward":
+        fn = _compiled(target, "forward", run.training, run.jit_compile, extra=0)
+        c = min(run.chunk_size, target.in_sizes[0])
+        args = (xs, np.arange(c, dtype=np.int32), rows)
+        blocks = sample_blocks * sum(math.ceil(n / run.chunk_size) for n in target.in_sizes)
+    else:
+        c = min(run.chunk_size, sel.size)
+        width = c if run.strategy == "loop" else None
+        fn = _compiled(target, run.strategy, run.training, run.jit_compile, extra=width)
+        args = (xs, rows[:, :c])
+        blocks = sample_blocks * math.ceil(sel.size / c)
+    B.to_numpy(fn(*args)[0] if run.strategy != "forward" else fn(*args))  # trace and warm up
+    best = math.inf
+    for _ in range(2):
+        t0 = time.perf_counter()
+        out = fn(*args)
+        B.to_numpy(out[0] if run.strategy != "forward" else out)
+        best = min(best, time.perf_counter() - t0)
+    return best * blocks
 
 
 def _iter_blocks(run: _Run) -> Iterator[tuple[slice, np.ndarray, list]]:
