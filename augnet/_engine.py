@@ -668,31 +668,30 @@ def _plan(
     else:
         total_chunk = min(m, MAX_UNROLL)
 
-        def cost(b, c):
-            return 3 * b * act + 3 * b * c * n * itemsize
+        def cost(b, c):  # the taped forward pass, one backward in flight, the result block
+            return 2 * b * act + 3 * b * c * n * itemsize
 
-    b = batch_size or n_samples
-    c = chunk_size or total_chunk
-    b, c = min(b, n_samples), min(c, total_chunk)
-    if max_memory is not None or batch_size is None or chunk_size is None:
-        while cost(b, c) > budget and (c > 1 or b > 1):
-            if chunk_size is None and c > 1 and (batch_size is not None or c * 4 >= b or b == 1):
-                c = max(1, c // 2)
-            elif batch_size is None and b > 1:
-                b = max(1, b // 2)
-            elif chunk_size is None and c > 1:
-                c = max(1, c // 2)
-            else:
-                break
-        if cost(b, c) > budget:
-            logger.warning(
-                "One pass needs about %.2f GB, more than the memory budget of %.2f GB, even at "
-                "batch_size=%d, chunk_size=%d.",
-                cost(b, c) / 1e9,
-                budget / 1e9,
-                b,
-                c,
-            )
+    b = min(batch_size or n_samples, n_samples)
+    c = min(chunk_size or total_chunk, total_chunk)
+    # Samples per pass first (activations scale with them), then the chunk, then samples again.
+    if batch_size is None:
+        while b > 1 and cost(b, 1) > budget:
+            b = (b + 1) // 2
+    if chunk_size is None:
+        while c > 1 and cost(b, c) > budget:
+            c = (c + 1) // 2
+    if batch_size is None:
+        while b > 1 and cost(b, c) > budget:
+            b = (b + 1) // 2
+    if cost(b, c) > budget:
+        logger.warning(
+            "One pass needs about %.2f GB, more than the memory budget of %.2f GB, even at "
+            "batch_size=%d, chunk_size=%d.",
+            cost(b, c) / 1e9,
+            budget / 1e9,
+            b,
+            c,
+        )
     return b, c
 
 
