@@ -83,8 +83,8 @@ def layer_jacobians(model, x, *, derivatives=None, **engine_kwargs) -> dict:
         model: a Sequential model, or a functional model whose layers form one path.
         x: ``(batch, *input_shape)``.
         derivatives: ``{LayerClass: rule}`` custom derivative rules.
-        **engine_kwargs: ``strategy``, ``batch_size``, ``chunk_size``, ``max_memory`` as in
-            ``augnet.jacobian``.
+        **engine_kwargs: ``strategy`` (default ``"loop"``), ``batch_size``, ``chunk_size``,
+            ``max_memory`` as in ``augnet.jacobian``.
 
     Returns:
         ``{layer_name: (batch, *layer_output_shape, *layer_input_shape)}`` in the order of the
@@ -94,6 +94,9 @@ def layer_jacobians(model, x, *, derivatives=None, **engine_kwargs) -> dict:
         ValueError: the model is not a chain (see :func:`chain_layers`).
     """
     layers = chain_layers(model)
+    # Per-layer Jacobians are many small jobs: the reverse loop, unless told otherwise, rather
+    # than timing every strategy for every layer.
+    engine_kwargs.setdefault("strategy", "loop")
     a = x
     out = {}
     for layer in layers:
