@@ -300,6 +300,13 @@ def _job_parser() -> argparse.ArgumentParser:
         help="memory budget for one Jacobian pass, e.g. 2GB (default: the engine's, 2 GiB)",
     )
     g.add_argument(
+        "--strategy",
+        choices=("auto", "loop", "pfor", "forward"),
+        default="auto",
+        help="the engine's Jacobian strategy (default auto: chosen on the first batch, then kept "
+        "for the whole run and its --resume, so that results do not depend on where it stopped)",
+    )
+    g.add_argument(
         "--quiet", "-q", action="store_true", help="no progress bar and no closing summary"
     )
     return p
@@ -799,6 +806,34 @@ def _upscale(rgb, side: int):
     return rgb
 
 
+def resolve_strategy(model, x, *, outputs, top_k, max_memory) -> str:
+    """The strategy ``strategy="auto"`` picks for batch ``x`` (by rule, or by timing the candidates).
+
+    The engine's choice can depend on timings, and strategies differ in the last bits of the
+    result; the command line therefore resolves it once, on the first batch, and passes it
+    explicitly to every batch of the run and of its ``--resume``.
+    """
+    from augnet import _engine
+
+    try:
+        run = _engine._setup(
+            model,
+            x,
+            outputs=outputs,
+            top_k=top_k,
+            training=False,
+            strategy="auto",
+            batch_size=None,
+            chunk_size=None,
+            max_memory=max_memory,
+            jit_compile=False,
+        )
+        return str(run.strategy)
+    except (AttributeError, TypeError) as exc:  # the engine's internals changed
+        logger.debug("could not resolve strategy='auto' (%s); using 'loop'", exc)
+        return "loop"
+
+
 class Job:
     """A ``jacobian`` run: the settings, the model, the inputs; :meth:`run` does the work.
 
@@ -808,6 +843,7 @@ class Job:
     def __init__(self, args: argparse.Namespace, *, model=None):
         self.args = args
         self.model = model
+        self.strategy = None if args.strategy == "auto" else args.strategy
 
     # -- setup -----------------------------------------------------------------------------
 
@@ -905,6 +941,7 @@ class Job:
             "alpha": a.alpha,
             "batch_size": a.batch_size,
             "max_memory": a.max_memory,
+            "strategy": a.strategy,
         }
 
     # -- work ------------------------------------------------------------------------------
@@ -917,9 +954,19 @@ class Job:
         import augnet
 
         a = self.args
+        if self.strategy is None:
+            self.strategy = self.store.resolved.get("strategy") or resolve_strategy(
+                self.model, x, outputs=self.outputs, top_k=self.top_k, max_memory=a.max_memory
+            )
+            self.store.resolved["strategy"] = self.strategy
         preds = np.asarray(self.model(x, training=False)).reshape(len(x), -1)
         result = augnet.jacobian(
-            self.model, x, outputs=self.outputs, top_k=self.top_k, max_memory=a.max_memory
+            self.model,
+            x,
+            outputs=self.outputs,
+            top_k=self.top_k,
+            max_memory=a.max_memory,
+            strategy=self.strategy,
         )
         if self.top_k is not None:
             jac, idx = result.jacobian, np.asarray(result.indices)
@@ -953,9 +1000,7 @@ class Job:
         if a.contact_sheet:
             from augnet import _report
 
-            path = folder / CONTACT_SHEET
-            batch._track(path)
-            batch.makedirs(folder)
+            path = batch.adopt(folder / CONTACT_SHEET)  # written atomically by _report
             _report.contact_sheet(
                 path,
                 image=display,

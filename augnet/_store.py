@@ -3,7 +3,8 @@
 Layout of an output folder written by ``augnet jacobian ... --out OUT``::
 
     OUT/
-      run.json                 the run's settings (model, outputs, preprocessing, ...)
+      run.json                 the run's settings (model, outputs, preprocessing, ...) and the
+                               choices made on its first batch (``resolved``), reused on resume
       batches/000000.json      one commit record per finished batch (see below)
       jacobians/000000.npy     raw Jacobians of that batch, float32 (b, k, *input_shape)
                                (only with --format npy)
@@ -228,6 +229,7 @@ class RunStore:
         self.shard_dir = self.out_dir / SHARD_DIR
         self.summary_file = self.out_dir / SUMMARY_FILE
         self._settings: dict[str, Any] | None = None
+        self.resolved: dict[str, Any] = {}  # choices made during the run, kept for --resume
         self._next_batch = 0
         self._latest: dict[str, dict[str, Any]] = {}
         self._created_out_dir = False
@@ -310,6 +312,7 @@ class RunStore:
                     f"cannot resume the run in '{self.out_dir}' with different settings "
                     f"({'; '.join(diffs)}); use the same options, or --overwrite"
                 )
+            self.resolved = self._read_run().get("resolved", {})
             self._load_records()
         elif previous and overwrite:
             self._delete_previous()
@@ -317,15 +320,18 @@ class RunStore:
         self._settings = settings
         return dict(self._latest)
 
-    def _read_settings(self) -> dict[str, Any] | None:
+    def _read_run(self) -> dict[str, Any]:
         if not self.run_file.exists():
-            return None
+            return {}
         try:
-            return _read_json(self.run_file).get("settings")
+            return _read_json(self.run_file)
         except (OSError, ValueError) as exc:
             raise ExistingResultsError(
                 f"cannot read '{self.run_file}' ({exc}); use --overwrite to start again"
             ) from None
+
+    def _read_settings(self) -> dict[str, Any] | None:
+        return self._read_run().get("settings")
 
     def _load_records(self) -> None:
         for f in _batch_files(self.batch_dir):
@@ -394,12 +400,17 @@ class RunStore:
                 )
             self.shard_dir.mkdir(exist_ok=True)
             shard_path = self.shard_dir / f"{number:06d}.npy"
-            b._track(shard_path)
+            b.files.append(shard_path)
             atomic_save_npy(shard_path, np.asarray(jacobian, dtype=np.float32))
             shard = f"{SHARD_DIR}/{shard_path.name}"
         if not self.run_file.exists():
             atomic_write_json(
-                self.run_file, {"augnet_store": STORE_FORMAT, "settings": self._settings}
+                self.run_file,
+                {
+                    "augnet_store": STORE_FORMAT,
+                    "settings": self._settings,
+                    "resolved": json.loads(json.dumps(self.resolved)),
+                },
             )
         self.batch_dir.mkdir(exist_ok=True)
         record = {
@@ -440,8 +451,13 @@ class _Batch:
         self.dirs: list[Path] = []
         self.committed = False
 
-    def _track(self, path: Path) -> None:
-        self.files.append(Path(path))
+    def adopt(self, path: str | os.PathLike[str]) -> Path:
+        """Count a file written by other code (atomically) as part of the batch: its folder is
+        created now, and the file is deleted if the batch fails."""
+        path = Path(path)
+        self.files.append(path)
+        self.makedirs(path.parent)
+        return path
 
     def makedirs(self, folder: Path) -> Path:
         """Create ``folder`` (and parents) if missing; remembered for clean-up on failure."""
@@ -459,13 +475,11 @@ class _Batch:
 
     def path(self, path: str | os.PathLike[str]) -> contextlib.AbstractContextManager[Path]:
         """Like :func:`atomic_path`, and the file is deleted if the batch fails."""
-        self._track(Path(path))
-        self.makedirs(Path(path).parent)
+        self.adopt(path)
         return atomic_path(path)
 
     def save_png(self, path: str | os.PathLike[str], pixels: np.ndarray) -> Path:
-        self._track(Path(path))
-        self.makedirs(Path(path).parent)
+        self.adopt(path)
         return atomic_save_png(path, pixels)
 
     def commit(

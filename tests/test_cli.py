@@ -326,8 +326,12 @@ def _raw_files(out: Path) -> dict[str, bytes]:
     }
 
 
-def _job_args(model, images, out, batch_size=2):
-    """Maps and raw Jacobians (contact sheets are tested above; they only cost time here)."""
+def _job_args(model, images, out, batch_size=2, strategy="loop"):
+    """Maps and raw Jacobians (contact sheets are tested above; they only cost time here).
+
+    Strategies differ in the last bits, and ``auto`` picks one by timing, so comparisons between
+    separate runs name one; a resumed run reuses its run's choice (tested with ``auto`` below).
+    """
     return [
         "jacobian",
         model,
@@ -340,6 +344,8 @@ def _job_args(model, images, out, batch_size=2):
         "--batch-size",
         batch_size,
         "--quiet",
+        "--strategy",
+        strategy,
     ]
 
 
@@ -352,7 +358,7 @@ def reference_run(tiny_model, images, tmp_path_factory):
 
 
 def test_resume_after_interrupt_is_byte_identical(
-    capsys, monkeypatch, tiny_model, images, tmp_path, reference_run
+    capsys, monkeypatch, tiny_model, images, tmp_path
 ):
     out = tmp_path / "out"
     real_commit = _store._Batch.commit
@@ -366,10 +372,14 @@ def test_resume_after_interrupt_is_byte_identical(
         return record
 
     monkeypatch.setattr(_store._Batch, "commit", commit_then_interrupt)
-    code, _, err = run(capsys, *_job_args(tiny_model, images, out))
+    code, _, err = run(capsys, *_job_args(tiny_model, images, out, strategy="auto"))
     assert code == 130 and "--resume" in err
     assert len(_store.load_results(out)) == 4  # two finished batches, readable
+    strategy = json.loads((out / "run.json").read_text())["resolved"]["strategy"]
+    assert strategy in ("loop", "pfor", "forward")
     monkeypatch.undo()
+    # the resumed run uses the strategy chosen on the first batch, never a new timing
+    monkeypatch.setattr(_cli, "resolve_strategy", lambda *a, **k: pytest.fail("resolved again"))
 
     computed = []
     real_compute = _cli.Job.compute
@@ -379,13 +389,15 @@ def test_resume_after_interrupt_is_byte_identical(
         return real_compute(self, x)
 
     monkeypatch.setattr(_cli.Job, "compute", spy)
-    code, _, err = run(capsys, *_job_args(tiny_model, images, out), "--resume")
+    code, _, err = run(capsys, *_job_args(tiny_model, images, out, strategy="auto"), "--resume")
     assert code == 0, err
     assert computed == [2, 1]  # only the 3 unfinished inputs
-    assert _raw_files(out) == _raw_files(reference_run)
+    reference = tmp_path / "reference"  # uninterrupted, with the strategy the run chose
+    assert _cli.main([str(a) for a in _job_args(tiny_model, images, reference, 2, strategy)]) == 0
+    assert _raw_files(out) == _raw_files(reference)
 
     computed.clear()  # resuming a finished run computes nothing
-    assert run(capsys, *_job_args(tiny_model, images, out), "--resume")[0] == 0
+    assert run(capsys, *_job_args(tiny_model, images, out, strategy="auto"), "--resume")[0] == 0
     assert computed == []
 
 
