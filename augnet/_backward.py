@@ -157,6 +157,7 @@ class _ModelLayer(keras.layers.Layer):
     """Common part: holds the forward model (a tracked sublayer, serialised in the config)."""
 
     def __init__(self, model, derivatives=None, **kwargs):
+        kwargs.setdefault("autocast", False)  # keep the inputs' dtype (float64 stays float64)
         super().__init__(**kwargs)
         if isinstance(model, dict):
             model = keras.saving.deserialize_keras_object(model)
