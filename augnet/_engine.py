@@ -1087,6 +1087,14 @@ def jacobian(
     return _assemble(run, results, indices)
 
 
+# Inside a caller's tf.function, autograph would rewrite this whole module's source on the first
+# call (12-30 s on a 2-core CPU, measured) for nothing: the engine has no tensor-dependent Python
+# control flow. TensorFlow calls a function carrying this marker as it is, and so everything it
+# calls (tf.autograph.experimental.do_not_convert sets the same marker, but would also switch
+# autograph off inside the caller's model).
+jacobian.autograph_info__ = None
+
+
 def _assemble(run: _Run, results: list, indices):
     """Reshapes ``(batch, m, *in_shape)`` blocks into the documented nesting."""
     target, sel = run.target, run.selection
