@@ -1,0 +1,170 @@
+"""Closed forms: weights set by hand, the exact Jacobian written out, every strategy and dtype.
+
+- Dense (linear): ``J = kernelᵀ`` for every sample.
+- An elementwise activation: ``J = diag(tanh'(x)) = diag(1 - tanh(x)²)``.
+- The chain rule, Dense -> tanh -> Dense: ``J = W2ᵀ · diag(1 - h²) · W1ᵀ`` with ``h = tanh(x W1 + b1)``.
+"""
+
+import functools
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+from conftest import STRATEGIES, TOL
+
+import augnet
+
+RNG = np.random.default_rng(0)
+W1 = RNG.normal(size=(4, 5))
+B1 = RNG.normal(size=5)
+W2 = RNG.normal(size=(5, 3))
+B2 = RNG.normal(size=3)
+X = RNG.uniform(-1, 1, size=(6, 4))
+
+
+@functools.cache
+def dense_model(dtype):
+    model = keras.Sequential(
+        [keras.Input((4,), dtype=dtype), keras.layers.Dense(5, dtype=dtype)], name=f"dense_{dtype}"
+    )
+    model.layers[0].set_weights([W1, B1])
+    return model
+
+
+@functools.cache
+def tanh_model(dtype):
+    return keras.Sequential(
+        [keras.Input((4,), dtype=dtype), keras.layers.Activation("tanh", dtype=dtype)],
+        name=f"tanh_{dtype}",
+    )
+
+
+@functools.cache
+def chain_model(dtype):
+    model = keras.Sequential(
+        [
+            keras.Input((4,), dtype=dtype),
+            keras.layers.Dense(5, activation="tanh", dtype=dtype),
+            keras.layers.Dense(3, dtype=dtype),
+        ],
+        name=f"chain_{dtype}",
+    )
+    model.layers[0].set_weights([W1, B1])
+    model.layers[1].set_weights([W2, B2])
+    return model
+
+
+def _x(dtype):
+    return X.astype(dtype)
+
+
+def _weights(dtype):
+    """The weights as the model holds them (rounded to ``dtype``), in float64 for the closed form."""
+    return [np.asarray(w, dtype=dtype).astype(np.float64) for w in (W1, B1, W2, B2)]
+
+
+def expected_dense(dtype):
+    w1 = _weights(dtype)[0]
+    return np.broadcast_to(w1.T, (len(X), 5, 4))
+
+
+def expected_tanh(dtype):
+    x = _x(dtype).astype(np.float64)
+    return np.stack([np.diag(1 - np.tanh(xi) ** 2) for xi in x])
+
+
+def expected_chain(dtype):
+    w1, b1, w2, _ = _weights(dtype)
+    x = _x(dtype).astype(np.float64)
+    h = np.tanh(x @ w1 + b1)  # (batch, 5)
+    return np.stack([w2.T @ np.diag(1 - hi**2) @ w1.T for hi in h])
+
+
+CASES = {
+    "dense": (dense_model, expected_dense),
+    "tanh": (tanh_model, expected_tanh),
+    "chain": (chain_model, expected_chain),
+}
+
+
+# float16: the chain (which holds the other two) is enough, at a looser tolerance.
+PARAMS = [(c, d) for c in CASES for d in ("float32", "float64")] + [("chain", "float16")]
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.parametrize("case, dtype", PARAMS)
+def test_closed_form(case, dtype, strategy):
+    build, expected = CASES[case]
+    J = augnet.jacobian(build(dtype), _x(dtype), strategy=strategy)
+    assert isinstance(J, np.ndarray)
+    assert J.dtype == np.dtype(dtype)  # the model's compute dtype is kept
+    np.testing.assert_allclose(J.astype(np.float64), expected(dtype), **TOL[dtype])
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_dense_closed_form_every_sample_is_the_transposed_kernel(strategy):
+    model = dense_model("float32")
+    J = augnet.jacobian(model, _x("float32"), strategy=strategy)
+    kernel = model.layers[0].kernel.numpy()
+    for i in range(len(X)):
+        np.testing.assert_array_equal(J[i], kernel.T)
+
+
+@pytest.mark.parametrize("given", ["float64", "float16", "int64"])
+def test_input_is_cast_to_the_models_dtype(given):
+    """A float64 (or float16, or integer) input to a float32 model gives a float32 Jacobian."""
+    model = chain_model("float32")
+    x = np.round(X * 4) if given == "int64" else X
+    J = augnet.jacobian(model, x.astype(given))
+    assert J.dtype == np.float32
+    reference = augnet.jacobian(model, x.astype(given).astype("float32"))
+    np.testing.assert_array_equal(J, reference)
+
+
+def test_float32_input_to_float64_model_gives_float64():
+    model = chain_model("float64")
+    J = augnet.jacobian(model, X.astype("float32"))
+    assert J.dtype == np.float64
+    x64 = X.astype("float32").astype("float64")
+    w1, b1, w2, _ = _weights("float64")
+    h = np.tanh(x64 @ w1 + b1)
+    expected = np.stack([w2.T @ np.diag(1 - hi**2) @ w1.T for hi in h])
+    np.testing.assert_allclose(J, expected, **TOL["float64"])
+
+
+def test_tensor_input_is_accepted_and_gives_numpy():
+    J = augnet.jacobian(chain_model("float32"), tf.constant(_x("float32")))
+    assert isinstance(J, np.ndarray)
+    np.testing.assert_allclose(J, expected_chain("float32"), **TOL["float32"])
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_plain_tensorflow_callable(strategy):
+    """The engine works on any callable built of TensorFlow ops, not just Keras models."""
+    w1, b1, w2, b2 = (tf.constant(w) for w in _weights("float64"))
+
+    def f(x):
+        return tf.matmul(tf.tanh(tf.matmul(x, w1) + b1), w2) + b2
+
+    J = augnet.jacobian(f, _x("float64"), strategy=strategy)
+    assert J.dtype == np.float64
+    np.testing.assert_allclose(J, expected_chain("float64"), **TOL["float64"])
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_vector_valued_output_shape_is_kept(strategy):
+    """``(batch, *output_shape, *input_shape)`` for a 2-D output and a 2-D input: tanh of a matrix."""
+    x = RNG.uniform(-1, 1, size=(2, 2, 3))
+    model = keras.Sequential(
+        [keras.Input((2, 3), dtype="float64"), keras.layers.Activation("tanh", dtype="float64")]
+    )
+    J = augnet.jacobian(model, x, strategy=strategy)
+    assert J.shape == (2, 2, 3, 2, 3)
+    d = 1 - np.tanh(x) ** 2
+    expected = np.zeros((2, 2, 3, 2, 3))
+    for b in range(2):
+        for i in range(2):
+            for j in range(3):
+                expected[b, i, j, i, j] = d[b, i, j]
+    np.testing.assert_allclose(J, expected, **TOL["float64"])
