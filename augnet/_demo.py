@@ -9,7 +9,7 @@ The 13 regions, on a 4x4 grid of 64-pixel cells (at ``size=256``)::
 
     +----+----+----+----+
     |  0 |  1 |  2 |  3 |    regions 0-11: the 12 cells of the outer ring, in reading order,
-    +----+----+----+----+    each a 56x56 square tile inside its cell (4-pixel gutter all round)
+    +----+----+----+----+    each a 48x48 square tile inside its cell (8-pixel gutter all round)
     |  4 | .-----. |  5 |
     +----+(  12   )+----+    region 12: a disc of radius 56 centred in the image, inside the
     |  6 | '-----' |  7 |    central 2x2 cells
@@ -30,7 +30,7 @@ N_REGIONS = 13
 IMAGE_SIZE = 256
 
 _GRID = 4  # 4x4 cells; the 12 ring cells are regions 0-11
-_GUTTER = 4 / 256  # gutter on each side of a tile, as a fraction of the image side
+_GUTTER = 8 / 256  # gutter on each side of a tile, as a fraction of the image side
 _DISC_RADIUS = 56 / 256  # radius of the centre disc, as a fraction of the image side
 _MIN_SIZE = 16
 
@@ -48,7 +48,7 @@ def region_masks(size: int = IMAGE_SIZE) -> np.ndarray:
     Example:
         >>> masks = region_masks(256)
         >>> masks.shape, int(masks[0].sum()), int(masks.sum(axis=0).max())
-        ((13, 256, 256), 3136, 1)
+        ((13, 256, 256), 2304, 1)
     """
     if isinstance(size, bool) or not isinstance(size, int | np.integer) or size < _MIN_SIZE:
         raise ValueError(
