@@ -281,8 +281,8 @@ def _job_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--alpha",
         type=_fraction,
-        default=0.5,
-        help="with --overlay, the colour's weight where saliency is largest (default 0.5)",
+        default=0.8,
+        help="with --overlay, the colour's weight where saliency is largest (default 0.8)",
     )
     g = p.add_argument_group("running")
     g.add_argument(

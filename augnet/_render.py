@@ -414,7 +414,7 @@ def render_saliency(
     percentile: float = 99.0,
     reduce: str = "maxabs",
     image: object = None,
-    alpha: float = 0.5,
+    alpha: float = 0.8,
     scale: float | None = None,
 ) -> np.ndarray:
     """Renders one Jacobian map as an RGB image.
