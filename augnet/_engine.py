@@ -777,10 +777,25 @@ def auto_candidates(target: _Target, m: int, training: bool) -> list[str]:
     forward_ok = not training and not target.recurrent and getattr(target, "rules", None) is None
     if forward_ok and 2 * n <= m:
         return ["forward"]
+    if _has_convolutions(target.fn):
+        # Measured (benchmarks/RESULTS.md, shared/REFERENCE.md): on CPU the reverse loop beats
+        # pfor on every convolutional network tried, and pfor falls back to a while_loop for
+        # depthwise convolutions; skip timing the candidates.
+        return ["loop"]
     candidates = ["loop", "pfor"]
     if forward_ok and n <= 8 * m:
         candidates.append("forward")
     return candidates
+
+
+def _has_convolutions(fn) -> bool:
+    stack = list(getattr(fn, "layers", None) or [])
+    while stack:
+        layer = stack.pop()
+        if "Conv" in type(layer).__name__:
+            return True
+        stack.extend(getattr(layer, "layers", None) or [])
+    return False
 
 
 def _auto_strategy(target, tensors, selection, training, n_samples, batch_size, chunk_size, max_memory):
@@ -992,9 +1007,12 @@ def jacobian(
         top_k: per sample, the Jacobians of the ``k`` largest outputs (classifiers); returns a
             :class:`TopKJacobian` ``(jacobian, indices, values)``.
         training: ``False`` (default): the model as it predicts (Dropout off, BatchNorm on its moving
-            statistics). ``True``: the training-mode forward pass (Dropout active, so the result is
-            random; BatchNorm on the statistics of each pass's batch, whose cross-sample terms a
-            per-sample Jacobian drops). Never changes the model: BatchNorm statistics are kept.
+            statistics). ``True``: the training-mode forward pass. Dropout applies one random mask
+            (from the layer's seed state, which is not advanced: repeated calls agree). BatchNorm
+            uses the statistics of each pass's batch, which couples the samples: sample ``i``'s
+            rows are ``sum_b ∂y_b/∂x_i`` over the pass's batch (what
+            ``tf.GradientTape.batch_jacobian`` gives), not ``∂y_i/∂x_i``; exactly zero for Dense +
+            BatchNorm at batch 1. Never changes the model: BatchNorm statistics are kept.
         strategy: ``"auto"`` (default), ``"loop"``, ``"pfor"`` or ``"forward"``; all give the same
             numbers (see the module docstring).
         batch_size: samples per pass (default: all, within ``max_memory``).
