@@ -49,8 +49,9 @@ class AugNet(keras.Model):
             top_k: per sample, the ``k`` largest outputs (classifiers): returns
                 ``TopKJacobian(jacobian, indices, values)``.
             training: ``False`` (default) for the model as it predicts. ``True`` runs the
-                training-mode forward pass (Dropout active, BatchNorm on batch statistics,
-                cross-sample terms dropped); the model's weights and statistics never change.
+                training-mode forward pass (Dropout active, BatchNorm on each pass's batch
+                statistics, which couples the samples: see ``augnet.jacobian``); the model's
+                weights and statistics never change.
             strategy, batch_size, chunk_size, max_memory, jit_compile: see ``augnet.jacobian``.
             derivatives: ``{LayerClass: rule}`` custom derivative rules (see
                 ``augnet.register_derivative``).
