@@ -324,6 +324,10 @@ def _infer_outputs(target: _Target, tensors: list) -> None:
     if _is_keras_layer(fn):
         try:
             outs, structure = flatten(symbolic_io(fn, "output"), "model.output")
+            if structure.kind != DICT and len(structure) == 1:
+                # A model built with outputs=[y] (e.g. AugNet(inputs=m.inputs, outputs=m.outputs))
+                # returns y itself when called (Keras unpacks singletons): so does its Jacobian.
+                structure = Structure(SINGLE)
             shapes = [tuple(o.shape[1:]) for o in outs]
             if any(d is None for s in shapes for d in s):
                 outs = None
