@@ -13,6 +13,7 @@ renderer's, say) do not pay for importing them.
 
 from __future__ import annotations
 
+import contextlib
 import sys
 
 import numpy as np
@@ -37,17 +38,31 @@ def _seed():
     yield
 
 
-@pytest.fixture
-def float64():
-    """Builds float64 Keras models (``keras.config.floatx``) and restores the setting afterwards."""
+@contextlib.contextmanager
+def float64_keras():
+    """Builds float64 Keras models inside the block, then restores the previous settings.
+
+    Both ``floatx`` (the ``keras.Input`` default) and the global dtype policy (the layers' default)
+    are set: Keras fixes the global policy from ``floatx`` the first time it is read, so
+    ``set_floatx`` alone has no effect on layers once any layer was built.
+    """
     import keras
 
-    previous = keras.config.floatx()
+    previous = keras.config.floatx(), keras.config.dtype_policy()
     keras.config.set_floatx("float64")
+    keras.config.set_dtype_policy("float64")
     try:
         yield
     finally:
-        keras.config.set_floatx(previous)
+        keras.config.set_floatx(previous[0])
+        keras.config.set_dtype_policy(previous[1])
+
+
+@pytest.fixture
+def float64():
+    """Float64 Keras models for one test (see :func:`float64_keras`)."""
+    with float64_keras():
+        yield
 
 
 # --------------------------------------------------------------------------------------------------

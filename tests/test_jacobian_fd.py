@@ -4,7 +4,7 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import STRATEGIES, central_fd_jacobian
+from conftest import STRATEGIES, central_fd_jacobian, float64_keras
 
 import augnet
 
@@ -44,15 +44,10 @@ MODELS = {"mlp": _mlp, "cnn": _cnn}
 
 @pytest.fixture(scope="module")
 def float64_models():
-    """The models, built in float64 once for the module (floatx restored afterwards)."""
-    previous = keras.config.floatx()
-    keras.config.set_floatx("float64")
-    try:
+    """The models, built in float64 once for the module (the settings restored afterwards)."""
+    with float64_keras():
         keras.utils.set_random_seed(5)
-        built = {name: build() for name, build in MODELS.items()}
-    finally:
-        keras.config.set_floatx(previous)
-    return built
+        return {name: build() for name, build in MODELS.items()}
 
 
 def _fd(model, x):
@@ -73,11 +68,12 @@ def test_matches_central_differences(float64_models, name, strategy):
 
 
 def test_float64_fixture_model_and_return_jacobian(float64):
-    """A float64 AugNet built under ``floatx="float64"``: ``return_jacobian`` against differences."""
+    """A float64 AugNet built in the ``float64`` fixture: ``return_jacobian`` against differences."""
     inputs = keras.Input((3,))
     h = keras.layers.Dense(4, activation="tanh")(inputs)
     model = augnet.AugNet(inputs=inputs, outputs=keras.layers.Dense(2, activation="tanh")(h))
     x = np.random.default_rng(2).uniform(-1, 1, size=(4, 3))
+    assert model.compute_dtype == "float64" and model.inputs[0].dtype == "float64"
     J = model.return_jacobian(x)
     assert J.dtype == np.float64
     np.testing.assert_allclose(J, _fd(model, x), **FD_TOL)
@@ -93,3 +89,9 @@ def test_finite_difference_reference_itself():
     expected = np.zeros((2, 2, 3))
     expected[:, 0, 0], expected[:, 0, 1], expected[:, 1, 2] = x[:, 1], x[:, 0], np.cos(x[:, 2])
     np.testing.assert_allclose(central_fd_jacobian(f, x), expected, rtol=1e-9, atol=1e-10)
+
+
+def test_float64_settings_are_restored():
+    """Models built after the float64 fixtures are float32 again."""
+    model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+    assert model.compute_dtype == "float32" and model.inputs[0].dtype == "float32"
