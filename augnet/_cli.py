@@ -1176,7 +1176,27 @@ def cmd_demo(args: argparse.Namespace) -> int:
     # As augnet._demo.load_image does: grayscale, centre-cropped to a square, Lanczos, [0, 1].
     job_args.crop, job_args.resize, job_args.preprocess = "center", "lanczos", "unit"
     job_args.outputs, job_args.top_k, job_args.size = None, None, None
+    if not (job_args.resume or job_args.overwrite) and _is_demo_run(Path(job_args.out), model_path):
+        # The demo regenerates its own results (the committed jacobian_results/ included); the
+        # store then deletes only the files that earlier demo run listed. Anything else in --out
+        # is still refused without --overwrite.
+        job_args.overwrite = True
     return _run_job(job_args)
+
+
+def _is_demo_run(out: Path, model_path: Path) -> bool:
+    """True if ``out`` holds the results of an earlier ``augnet demo`` run (by its run.json)."""
+    import json
+
+    from augnet import _store
+
+    try:
+        settings = json.loads((out / _store.RUN_FILE).read_text(encoding="utf-8"))["settings"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    model = settings.get("model")
+    path = model.get("path", "") if isinstance(model, dict) else str(model or "")
+    return Path(path).name == model_path.name
 
 
 # --------------------------------------------------------------------------------------------
