@@ -688,6 +688,26 @@ def test_demo(capsys, tmp_path, spy_sheets):
     assert len(spy_sheets[0]) == 1 + 13 + 1
     with Image.open(folder / "contact_sheet.png") as im:
         im.load()
+    # Run again: the demo replaces its own earlier results (as on a clone with committed ones).
+    first = (folder / "output_00.png").read_bytes()
+    code, _, err = run(capsys, "demo", "--out", tmp_path / "demo", "--quiet")
+    assert code == 0, err
+    assert (folder / "output_00.png").read_bytes() == first
+
+
+def test_demo_refuses_a_folder_with_other_results(capsys, tmp_path, tiny_model, images):
+    from augnet import _demo
+
+    if not _demo.demo_model_path().exists():
+        pytest.skip("the demo model is not built yet")
+    out = tmp_path / "other"
+    code, _, err = run(capsys, "jacobian", tiny_model, images, "--out", out, "--quiet")
+    assert code == 0, err
+    before = sorted(p.relative_to(out) for p in out.rglob("*"))
+    code, _, err = run(capsys, "demo", "--out", out, "--quiet")
+    assert code == 2
+    assert "already holds results" in err and "--overwrite" in err
+    assert sorted(p.relative_to(out) for p in out.rglob("*")) == before
 
 
 # ----------------------------------------------------------------------------------------------
