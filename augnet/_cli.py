@@ -412,6 +412,13 @@ def build_parser() -> argparse.ArgumentParser:
         "with respect to the input (checked by a gradient on a test input, and by layer type).",
     )
     info.add_argument("model", metavar="MODEL", help="a .keras/.h5 file or SavedModel folder")
+    info.add_argument(
+        "--sample",
+        metavar="INPUT",
+        help="also print the sensitivity summary at this input (an image, or a .npy of inputs; "
+        "the first sample is used): Jacobian norms per output, spectral norm, local Lipschitz "
+        "estimate. Images are prepared as by 'augnet jacobian' with its defaults",
+    )
     info.set_defaults(func=cmd_info)
 
     jac = sub.add_parser(
@@ -701,8 +708,44 @@ def cmd_info(args: argparse.Namespace) -> int:
         lines.append("differentiable with respect to the input: NO")
         lines.extend(f"  - {p}" for p in report["problems"])
     lines.extend(f"note: {n}" for n in report["notes"])
+    if getattr(args, "sample", None):
+        lines.extend(_sensitivity_lines(model, args.sample))
     print("\n".join(lines))
     return 0
+
+
+def _sensitivity_lines(model, sample: str) -> list[str]:
+    """The sensitivity summary of ``augnet info --sample``: Jacobian norms at one input."""
+    import numpy as np
+
+    from augnet import _analysis, _imageio
+
+    in_shape, _, out_shape = _single_io(model)
+    items = _imageio.expand_inputs([sample], array_input_shape=in_shape)
+    try:
+        spec = _imageio.ImageSpec.from_input_shape(in_shape)
+    except _imageio.InputFitError:
+        spec = None
+    x, _ = _imageio.load_batch(items[:1], in_shape, spec)
+    J = model.return_jacobian(x)
+    n_out = len(out_shape)
+    norms = _analysis.jacobian_norms(J, output_ndim=n_out)
+    radius = 0.01 * float(np.max(np.abs(x)) or 1.0)
+    lipschitz = _analysis.local_lipschitz(model, x, radius=radius, n_samples=4)
+    lines = [
+        f"sensitivity at {items[0].path}{'' if items[0].row is None else f' (row {items[0].row})'}:",
+        f"  Jacobian {tuple(J.shape[1:])}: Frobenius norm {norms.frobenius[0]:.4g}, "
+        f"spectral norm {norms.spectral[0]:.4g}",
+        f"  local Lipschitz estimate (lower bound, 4 points within radius {radius:.3g}): "
+        f"{float(np.max(lipschitz)):.4g}",
+        "  per output: index, L1 and L2 norm of its gradient",
+    ]
+    l1, l2 = norms.l1[0].reshape(-1), norms.l2[0].reshape(-1)
+    for k in range(min(len(l1), 20)):
+        lines.append(f"    {k:>4}  L1 {l1[k]:.4g}  L2 {l2[k]:.4g}")
+    if len(l1) > 20:
+        lines.append(f"    ... {len(l1) - 20} more outputs")
+    return lines
 
 
 # --------------------------------------------------------------------------------------------

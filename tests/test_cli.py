@@ -757,3 +757,23 @@ def test_killed_command_resumes_byte_identical(tiny_model, images, tmp_path):
     assert 2 <= finished < 7  # killed part-way, with the finished batches readable
     assert _cli.main(args + ["--resume"]) == 0
     assert _raw_files(out) == _raw_files(reference)
+
+
+def test_info_sample_prints_the_sensitivity_summary(capsys, keras, tmp_path):
+    """A linear model: the Jacobian is its kernel transposed, so every printed norm is known."""
+    kernel = np.array([[1.0, 0.0], [2.0, -1.0], [0.0, 3.0]], dtype="float32")  # (3 in, 2 out)
+    inp = keras.Input((3,))
+    dense = keras.layers.Dense(2, use_bias=False)
+    model = keras.Model(inp, dense(inp))
+    dense.set_weights([kernel])
+    path = tmp_path / "linear.keras"
+    model.save(path)
+    sample = tmp_path / "x.npy"
+    np.save(sample, np.ones((2, 3), dtype="float32"))
+    code, out, err = run(capsys, "info", path, "--sample", sample)
+    assert code == 0, err
+    J = kernel.T
+    assert f"Frobenius norm {np.linalg.norm(J):.4g}" in out
+    assert f"spectral norm {np.linalg.norm(J, 2):.4g}" in out
+    for k in range(2):
+        assert f"L1 {np.abs(J[k]).sum():.4g}  L2 {np.linalg.norm(J[k]):.4g}" in out
