@@ -633,7 +633,16 @@ def test_disk_full(capsys, monkeypatch, tiny_model, images, tmp_path):
 
 def test_debug_shows_the_traceback(tmp_path, tiny_model):
     with pytest.raises(Exception, match="does not exist"):
-        _cli.main(["jacobian", str(tiny_model), str(tmp_path / "gone.png"), "--debug"])
+        _cli.main(
+            [
+                "jacobian",
+                str(tiny_model),
+                str(tmp_path / "gone.png"),
+                "--out",
+                str(tmp_path / "out"),
+                "--debug",
+            ]
+        )
 
 
 # ----------------------------------------------------------------------------------------------
