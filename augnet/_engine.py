@@ -73,11 +73,14 @@ class JacobianChunk(NamedTuple):
         samples: the slice of the batch this block covers.
         outputs: flat output indices of the block's rows: ``(c,)``, or ``(b, c)`` with ``top_k``.
         values: ``(b, c, *input_shape)`` (the input structure for several inputs).
+        columns: where the block's rows go among the selected outputs: the full Jacobian's
+            ``[samples, columns]`` (``(batch, m, *input_shape)`` with ``m`` selected outputs).
     """
 
     samples: slice
     outputs: np.ndarray
     values: Any
+    columns: slice = slice(None)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -802,7 +805,9 @@ def _has_convolutions(fn) -> bool:
     return False
 
 
-def _auto_strategy(target, tensors, selection, training, n_samples, batch_size, chunk_size, max_memory):
+def _auto_strategy(
+    target, tensors, selection, training, n_samples, batch_size, chunk_size, max_memory
+):
     """Resolves ``strategy="auto"``: by rule where one candidate is left, else by timing one block
     of each candidate once per callable and input signature (cached), extrapolated to the job."""
     candidates = auto_candidates(target, selection.size, training)
@@ -826,7 +831,9 @@ def _auto_strategy(target, tensors, selection, training, n_samples, batch_size, 
     if key not in cache:
         estimates = {}
         for name in candidates:
-            b, c = _plan(target, name, n_samples, selection.size, batch_size, chunk_size, max_memory)
+            b, c = _plan(
+                target, name, n_samples, selection.size, batch_size, chunk_size, max_memory
+            )
             run = _Run(target, tensors, selection, name, b, c, training, False)
             try:
                 estimates[name] = _probe_seconds(run)
@@ -869,7 +876,10 @@ def _probe_seconds(run: _Run) -> float:
 
 
 def _iter_blocks(run: _Run) -> Iterator[tuple[slice, np.ndarray, list]]:
-    """Yields ``(samples, output_indices, [ (b, c, *in_shape_i) per input ])`` as NumPy."""
+    """Yields ``(samples, columns, output_indices, [ (b, c, *in_shape_i) per input ])`` as NumPy.
+
+    ``samples`` and ``columns`` are the block's slices of the ``(batch, m)`` selected rows.
+    """
     target, sel = run.target, run.selection
     n_samples = run.n_samples
     kind = run.strategy
@@ -898,7 +908,7 @@ def _iter_blocks(run: _Run) -> Iterator[tuple[slice, np.ndarray, list]]:
                     cols = np.arange(c0, c1, dtype=np.int32)
                     flat[:, :, c0:c1] = B.to_numpy(fwd(xs, cols, sel_t))
             outs = rows_all if sel.top_k is not None else sel.rows
-            yield slice(s0, s1), outs, values
+            yield slice(s0, s1), slice(0, sel.size), outs, values
         else:
             for c0 in range(0, sel.size, run.chunk_size):
                 c1 = min(sel.size, c0 + run.chunk_size)
@@ -907,7 +917,7 @@ def _iter_blocks(run: _Run) -> Iterator[tuple[slice, np.ndarray, list]]:
                 rev = _compiled(target, kind, run.training, run.jit_compile, extra=width)
                 blocks = rev(xs, chunk)
                 outs = rows_all[:, c0:c1] if sel.top_k is not None else sel.rows[c0:c1]
-                yield slice(s0, s1), outs, [B.to_numpy(v) for v in blocks]
+                yield slice(s0, s1), slice(c0, c1), outs, [B.to_numpy(v) for v in blocks]
 
 
 def _restore_state(fn, training: bool):
@@ -975,9 +985,9 @@ def iter_jacobian(
     )
     restore = _restore_state(fn, run.training)
     try:
-        for samples, outs, values in _iter_blocks(run):
+        for samples, columns, outs, values in _iter_blocks(run):
             yield JacobianChunk(
-                samples, np.asarray(outs), unflatten(values, run.target.in_structure)
+                samples, np.asarray(outs), unflatten(values, run.target.in_structure), columns
             )
     finally:
         restore()
@@ -1092,18 +1102,11 @@ def jacobian(
     indices = np.empty((n_samples, sel.size), dtype=np.int64) if sel.top_k is not None else None
     restore = _restore_state(fn, run.training)
     try:
-        position = {}
-        for samples, outs, values in _iter_blocks(run):
-            if sel.top_k is not None or run.strategy == "forward":
-                c0 = 0
-            else:
-                c0 = position.get(samples.start, 0)
-            c1 = c0 + values[0].shape[1]
+        for samples, columns, outs, values in _iter_blocks(run):
             for res, v in zip(results, values):
-                res[samples, c0:c1] = v
+                res[samples, columns] = v
             if indices is not None:
-                indices[samples, c0:c1] = outs
-            position[samples.start] = c1
+                indices[samples, columns] = outs
     finally:
         restore()
     return _assemble(run, results, indices)
@@ -1242,12 +1245,8 @@ def jacobian_to_npy(fn, x, path, *, overwrite: bool = False, **kwargs) -> Path:
     )
     restore = _restore_state(fn, run.training)
     try:
-        position: dict = {}
-        for samples, _, values in _iter_blocks(run):
-            c0 = position.get(samples.start, 0)
-            c1 = c0 + values[0].shape[1]
-            out[samples, c0:c1] = values[0]
-            position[samples.start] = c1
+        for samples, columns, _, values in _iter_blocks(run):
+            out[samples, columns] = values[0]
         out.flush()
         del out
         os.replace(tmp, path)

@@ -217,6 +217,34 @@ def test_iter_jacobian_with_top_k_gives_per_sample_indices():
     np.testing.assert_allclose(out[mask], reference[mask], **F32)
 
 
+@pytest.mark.parametrize("strategy", ["loop", "pfor", "forward"])
+def test_top_k_chunked_equals_unchunked(strategy):
+    # Regression: chunks of fewer than k outputs were all written at column 0.
+    x, reference = classifier_data()
+    whole = augnet.jacobian(classifier(), x, top_k=3, strategy=strategy)
+    chunked = augnet.jacobian(
+        classifier(), x, top_k=3, strategy=strategy, chunk_size=2, batch_size=3
+    )
+    np.testing.assert_array_equal(chunked.indices, whole.indices)
+    np.testing.assert_allclose(chunked.values, whole.values, **F32)
+    np.testing.assert_allclose(chunked.jacobian, whole.jacobian, **F32)
+    expected = np.take_along_axis(reference, whole.indices[:, :, None, None, None], axis=1)
+    np.testing.assert_allclose(chunked.jacobian, expected, **F32)
+
+
+def test_iter_jacobian_columns_place_each_block():
+    x, reference = grid_data()
+    rows = [4, 0, 2]
+    full = np.zeros((x.shape[0], len(rows), *x.shape[1:]), dtype="float32")
+    for chunk in augnet.iter_jacobian(
+        grid_model(), x, outputs=rows, batch_size=2, chunk_size=2, strategy="loop"
+    ):
+        full[chunk.samples, chunk.columns] = chunk.values
+    np.testing.assert_allclose(
+        full, reference.reshape(x.shape[0], -1, *x.shape[1:])[:, rows], **F32
+    )
+
+
 def test_iter_jacobian_several_inputs():
     keras.utils.set_random_seed(24)
     a, b = keras.Input((3,), name="a"), keras.Input((2,), name="b")
