@@ -108,6 +108,7 @@ def _short_error(exc: BaseException) -> str:
     messages put a traceback first; Keras's "Exception encountered when calling X" put the reason
     on the next line."""
     text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))
+    text = re.sub(r"graph (\S+?)\[[^\]]*\]", r"graph \1", text)  # XLA: drop the attributes
     lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
     line = lines[0] if lines else ""
     for i, ln in enumerate(lines):
@@ -1435,13 +1436,21 @@ def write_markdown(
             lines.append(f"| {k} | {v} |")
     lines += [
         "",
-        f"Median of {repeats} timed calls after one warm-up call (`1st call`: tracing/compiling included). "
-        "`× fwd`: median ÷ the `tf.function` forward pass at the same batch; `× best`: ÷ the fastest checked "
-        "Jacobian in the case. Peak RSS: `ru_maxrss` of a child process that ran only that approach; "
+        f"Median of {repeats} timed calls after one warm-up call (`1st call`: tracing/compiling "
+        "included); calls under 20 ms are repeated inside each timed sample, calls too slow for "
+        "`--budget` are timed fewer times (noted). `× fwd`: median ÷ the `tf.function` forward "
+        "pass at the same batch; `× best`: ÷ the fastest checked Jacobian in the case. Peak RSS: "
+        "the high-water mark (`VmHWM`) of a child process that ran only that approach (TensorFlow "
+        "children are forked from a parent holding only the imported libraries, ~300 MB); "
         "`Δ baseline`: peak minus the child's RSS with the network built and no Jacobian computed. "
-        "Errors: max |J − J_ref| over the whole Jacobian against one forward + one `tape.gradient` per output "
-        "(`tf.function`), with the error relative to max |J_ref| in brackets. Timings on a shared 2-core "
-        "machine are noisy: the ratios within one run are what hold.",
+        "Errors: max |J − J_ref| over the whole Jacobian against the reference, one forward + one "
+        "`tape.gradient` per output in `tf.function`, with the error relative to max |J_ref| in "
+        "brackets. Each case also computes sample 0's Jacobian in float64: the JAX and torch ports "
+        "are checked against it (their forward rows), and it shows how far float32 itself is "
+        "from exact. At ReLU/max-pool kinks, rounding can send two correct float32 "
+        "implementations down different branches. A row is flagged MISMATCH only when more entries "
+        "are off than such kinks explain. Timings on a shared 2-core machine are noisy: the ratios "
+        "within one run are what hold.",
         "",
         f"augnet: {augnet_note or 'strategies ' + ', '.join(strategies)}.",
         "",
