@@ -248,28 +248,42 @@ def _split_inputs(args, kwargs):
     return None, None
 
 
+def _float_call(original: Callable, args: tuple, kwargs: dict):
+    """Splits a layer call into its floating input tensors and a function of them.
+
+    Returns ``None`` when the call has no floating inputs, else ``(replaced, leaves, idx, forward)``:
+    ``leaves[i] for i in idx`` are the floating tensors and ``forward(ts)`` calls ``original``
+    with them replaced by ``ts`` (every other argument as given); ``replaced(ts)`` the inputs so.
+    """
+    inputs, rebuild = _split_inputs(args, kwargs)
+    leaves = B.nest_flatten(inputs) if inputs is not None else []
+    idx = [i for i, t in enumerate(leaves) if B.is_float_tensor(t)]
+    if not idx:
+        return None
+
+    def replaced(ts):
+        full = list(leaves)
+        for i, t in zip(idx, ts):
+            full[i] = t
+        return B.nest_pack(inputs, full)
+
+    def forward(ts):
+        a, k = rebuild(replaced(ts))
+        return original(*a, **k)
+
+    return replaced, leaves, idx, forward
+
+
 def _rule_call(layer, original: Callable, rule: _Rule) -> Callable:
     @functools.wraps(original)
     def call(*args, **kwargs):
-        inputs, rebuild = _split_inputs(args, kwargs)
-        leaves = B.nest_flatten(inputs) if inputs is not None else []
-        idx = [i for i, t in enumerate(leaves) if B.is_float_tensor(t)]
-        if not idx:
+        split = _float_call(original, args, kwargs)
+        if split is None:
             return original(*args, **kwargs)
-
-        def forward(ts):
-            full = list(leaves)
-            for i, t in zip(idx, ts):
-                full[i] = t
-            a, k = rebuild(B.nest_pack(inputs, full))
-            return original(*a, **k)
+        replaced, leaves, idx, forward = split
 
         def rule_vjp(ts, y, upstream):
-            full = list(leaves)
-            for i, t in zip(idx, ts):
-                full[i] = t
-            packed = B.nest_pack(inputs, full)
-            cots = rule.cotangents(layer, packed, y, upstream)
+            cots = rule.cotangents(layer, replaced(ts), y, upstream)
             return [cots[i] for i in idx]
 
         return B.with_custom_vjp(forward, [leaves[i] for i in idx], rule_vjp)
@@ -329,19 +343,10 @@ def find_blocking_layers(model, run: Callable, xs: list, derivatives=None) -> li
     def checking(layer, original):
         @functools.wraps(original)
         def call(*args, **kwargs):
-            inputs, rebuild = _split_inputs(args, kwargs)
-            leaves = B.nest_flatten(inputs) if inputs is not None else []
-            idx = [i for i, t in enumerate(leaves) if B.is_float_tensor(t)]
-            if not idx:
+            split = _float_call(original, args, kwargs)
+            if split is None:
                 return original(*args, **kwargs)
-
-            def forward(ts):
-                full = list(leaves)
-                for i, t in zip(idx, ts):
-                    full[i] = t
-                a, k = rebuild(B.nest_pack(inputs, full))
-                return original(*a, **k)
-
+            _, leaves, idx, forward = split
             y, connected = B.gradient_connected(forward, [leaves[i] for i in idx])
             if not connected:
                 blocking.append(layer)
