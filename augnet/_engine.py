@@ -274,7 +274,12 @@ def _prepare_target(fn, x, training: bool, derivatives=None) -> tuple[_Target, l
     call, rules = _derivatives.engine_hook(fn, call, derivatives, tensors)
     itemsize = np.dtype(B.dtype_name(dtype)).itemsize
     fallback = 8 * sum(int(np.prod(s)) for s in in_shapes) * itemsize
-    act_bytes, recurrent = _estimate_activation_bytes(fn, itemsize, fallback)
+    # A model's layers do not change between calls: estimate once per callable and item size.
+    cache = _cache_for(fn)
+    key = ("activation_bytes", itemsize, fallback)
+    if key not in cache:
+        cache[key] = _estimate_activation_bytes(fn, itemsize, fallback)
+    act_bytes, recurrent = cache[key]
     target = _Target(
         fn, call, structure, names, in_shapes, dtype, act_bytes=act_bytes, recurrent=recurrent
     )
@@ -885,7 +890,7 @@ def _iter_blocks(run: _Run) -> Iterator[tuple[slice, np.ndarray, list]]:
     kind = run.strategy
     for s0 in range(0, n_samples, run.batch_size):
         s1 = min(n_samples, s0 + run.batch_size)
-        xs = [t[s0:s1] for t in run.tensors]
+        xs = run.tensors if s1 - s0 == n_samples else [t[s0:s1] for t in run.tensors]
         b = s1 - s0
         if sel.top_k is not None:
             predict = _compiled(target, "predict", run.training, run.jit_compile)
