@@ -301,7 +301,7 @@ def _job_parser() -> argparse.ArgumentParser:
     )
     g.add_argument(
         "--strategy",
-        choices=("auto", "loop", "pfor", "forward"),
+        choices=("auto", "loop", "pfor", "forward", "loop_xla"),
         default="auto",
         help="the engine's Jacobian strategy (default auto: chosen on the first batch, then kept "
         "for the whole run and its --resume, so that results do not depend on where it stopped)",
@@ -871,7 +871,7 @@ def resolve_strategy(model, x, *, outputs, top_k, max_memory) -> str:
             max_memory=max_memory,
             jit_compile=False,
         )
-        return str(run.strategy)
+        return "loop_xla" if run.strategy == "loop" and run.jit_compile else str(run.strategy)
     except (AttributeError, TypeError) as exc:  # the engine's internals changed
         logger.debug("could not resolve strategy='auto' (%s); using 'loop'", exc)
         return "loop"

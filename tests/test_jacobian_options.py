@@ -409,3 +409,19 @@ def test_parse_memory(value, expected):
 def test_parse_memory_rejects(value):
     with pytest.raises(ValueError, match=r"Received an invalid value for `max_memory`"):
         _engine.parse_memory(value)
+
+
+@pytest.mark.parametrize("builder", ["grid", "lstm"])
+def test_loop_xla_matches_the_tape_loop(builder):
+    """strategy="loop_xla" (the reverse loop compiled with XLA) gives the same numbers."""
+    if builder == "grid":
+        model, (x, _) = grid_model(), grid_data()
+    else:
+        keras.utils.set_random_seed(31)
+        model = keras.Sequential([keras.Input((6, 3)), L.LSTM(5), L.Dense(2)])
+        x = RNG.normal(size=(3, 6, 3)).astype("float32")
+    reference = tape_loop_jacobian(model, x)
+    got = augnet.jacobian(model, x, strategy="loop_xla")
+    np.testing.assert_allclose(got, reference, **F32)
+    run = _engine._setup(model, x, None, None, False, "loop_xla", None, None, None, False)
+    assert (run.strategy, run.jit_compile) == ("loop", True)
