@@ -1198,7 +1198,7 @@ def _symbolic_jacobian(run: _Run):
 
 
 def jacobian_to_npy(fn, x, path, *, overwrite: bool = False, **kwargs) -> Path:
-    """Streams the Jacobian of a single-input model into a memory-mapped ``.npy`` file.
+    """Streams the Jacobian of a single-input model into a ``.npy`` file, pass by pass.
 
     The file holds ``(batch, m, *input_shape)`` (``m`` the selected outputs, all of them flattened
     by default) and is written under a temporary name, then renamed: a file at ``path`` is always
@@ -1253,22 +1253,33 @@ def jacobian_to_npy(fn, x, path, *, overwrite: bool = False, **kwargs) -> Path:
             "use iter_jacobian and write each input's blocks yourself."
         )
     shape = (run.n_samples, run.selection.size, *run.target.in_shapes[0])
+    dtype = np.dtype(B.dtype_name(run.target.dtype))
+    row_bytes = int(np.prod(shape[2:], dtype=np.int64)) * dtype.itemsize  # one (sample, output)
     tmp = path.with_name(path.name + ".partial")
-    out = np.lib.format.open_memmap(
-        tmp, mode="w+", dtype=B.dtype_name(run.target.dtype), shape=shape
-    )
     restore = _restore_state(fn, run.training)
     try:
-        for samples, columns, _, values in _iter_blocks(run):
-            out[samples, columns] = values[0]
-        out.flush()
-        del out
+        # Positioned writes, not a memory map: the pages of a written map count in the process's
+        # resident memory, which would grow with the whole Jacobian instead of one pass.
+        with open(tmp, "wb") as f:
+            np.lib.format.write_array_header_1_0(
+                f,
+                {
+                    "descr": np.lib.format.dtype_to_descr(dtype),
+                    "fortran_order": False,
+                    "shape": shape,
+                },
+            )
+            offset = f.tell()
+            f.truncate(offset + shape[0] * shape[1] * row_bytes)
+            for samples, columns, _, values in _iter_blocks(run):
+                block = np.ascontiguousarray(values[0], dtype=dtype)
+                for i, s in enumerate(range(samples.start, samples.stop)):
+                    start = offset + (s * shape[1] + columns.start) * row_bytes
+                    os.pwrite(f.fileno(), block[i].tobytes(), start)
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
-        try:
-            del out
-        except NameError:
-            pass
         if tmp.exists():
             tmp.unlink()
         raise
