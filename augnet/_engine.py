@@ -625,40 +625,6 @@ def _check_positive_int(value, argument):
     return int(value)
 
 
-def choose_strategy(target: _Target, m: int, training: bool) -> str:
-    """The ``"auto"`` rule: forward mode for tall Jacobians, else the reverse loop.
-
-    Measured on a 2-core CPU (benchmarks/RESULTS.md): one forward pass plus one backward pass per
-    output ("loop") is the fastest reverse mode for convolutional and recurrent networks; pfor wins
-    only for small dense networks; forward mode costs about one pass per input element and wins
-    when the input elements are far fewer than the selected outputs.
-    """
-    n = sum(target.in_sizes)
-    if not training and not target.recurrent and 2 * n <= m:
-        return "forward"
-    if not training and not target.recurrent and _is_small_dense(target):
-        return "pfor"
-    return "loop"
-
-
-def _is_small_dense(target: _Target) -> bool:
-    layers = getattr(target.fn, "layers", None)
-    if not layers:
-        return False
-    kinds = {type(layer).__name__ for layer in layers}
-    dense_only = kinds <= {
-        "InputLayer",
-        "Dense",
-        "Activation",
-        "Dropout",
-        "Flatten",
-        "Reshape",
-        "Concatenate",
-        "Add",
-    }
-    return dense_only and target.act_bytes < 64 * 1024
-
-
 def _plan(
     target: _Target, strategy: str, n_samples: int, m: int, batch_size, chunk_size, max_memory
 ):
@@ -825,8 +791,8 @@ def _auto_strategy(
     candidates = auto_candidates(target, selection.size, training)
     if len(candidates) == 1:
         return candidates[0]
-    if B.is_symbolic():
-        return choose_strategy(target, selection.size, training)
+    if B.is_symbolic():  # no timing inside a caller's tf.function: the reverse loop
+        return candidates[0]
     key = (
         "auto",
         tuple(target.in_shapes),
@@ -1308,7 +1274,7 @@ __all__ = [
     "STRATEGIES",
     "JacobianChunk",
     "TopKJacobian",
-    "choose_strategy",
+    "auto_candidates",
     "iter_jacobian",
     "jacobian",
     "jacobian_to_npy",
