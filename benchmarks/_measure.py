@@ -19,13 +19,17 @@ import numpy as np
 MB = 1024 * 1024
 
 
-def current_rss_mb(pid: int | None = None) -> float:
-    """Resident set size now (VmRSS) of this process or of ``pid``, in MiB; nan if unreadable."""
+def current_rss_mb(pid: int | None = None, field: str = "VmRSS") -> float:
+    """Resident memory now of this process or of ``pid``, in MiB; nan if unreadable.
+
+    ``field``: ``"VmRSS"`` (all of it), or ``"RssAnon"`` (anonymous memory only: without the
+    file-backed pages of libraries and of memory-mapped files, which the kernel can drop).
+    """
     path = f"/proc/{pid or 'self'}/status"
     try:
         with open(path, encoding="ascii") as fh:
             for line in fh:
-                if line.startswith("VmRSS:"):
+                if line.startswith(field + ":"):
                     return int(line.split()[1]) / 1024.0
     except OSError:
         pass
