@@ -910,8 +910,8 @@ def case_rows(case: Case, results: dict[str, dict], approaches: list[Approach]) 
             if ap.family == "stream" and r.get("peak_anon_sampled_mb"):
                 note = (
                     f"anonymous RSS peak {_fmt_mb(r['peak_anon_sampled_mb'])} (baseline "
-                    f"{_fmt_mb(r.get('baseline_anon_mb'))}; the rest of the peak RSS is the "
-                    f"memory-mapped .npy's file pages); {note}"
+                    f"{_fmt_mb(r.get('baseline_anon_mb'))}; the rest of the RSS is file-backed "
+                    f"pages); {note}"
                 )
             if r.get("strategy"):
                 note = f"ran {r['strategy']}" + (f"; {note}" if note else "")
@@ -1136,8 +1136,8 @@ def targets(summaries: list[dict]) -> list[str]:
         if ma.get("stream_peak_anon_mb") and ma.get("stream_baseline_anon_mb"):
             extra_anon = ma["stream_peak_anon_mb"] - ma["stream_baseline_anon_mb"]
             line += (
-                f". Anonymous memory only (RSS without the file-backed pages of the memory-mapped "
-                f".npy, which the kernel can drop): peak {_fmt_mb(ma['stream_peak_anon_mb'])}, "
+                f". Anonymous memory only (RSS without file-backed pages, e.g. of a memory-mapped "
+                f"output, which the kernel can drop): peak {_fmt_mb(ma['stream_peak_anon_mb'])}, "
                 f"{_fmt_mb(extra_anon)} beyond the baseline's "
                 f"{_fmt_mb(ma['stream_baseline_anon_mb'])}: {mark(extra_anon <= from_mem)}"
             )
