@@ -288,7 +288,9 @@ def _augnet_strategy_logger():
     class Grab(logging.Handler):
         def emit(self, record):
             msg = record.getMessage()
-            if "strategy=" in msg:
+            if "auto strategy estimates" in msg and "->" in msg:
+                seen.append("auto→" + msg.rsplit("->", 1)[-1].strip().strip("'\""))
+            elif "strategy=" in msg:
                 words = dict(w.split("=", 1) for w in msg.split() if "=" in w)
                 short = {"strategy": "", "batch_size": "b=", "chunk_size": "c="}
                 seen.append(" ".join(short[k] + words[k] for k in short if k in words))
