@@ -30,7 +30,8 @@ setup(
     ],
     extras_require={
         "test": ["pytest>=7"],
-        "bench": ["torch", "jax"],
+        # torch pinned: a plain "torch" can pull a multi-GB CUDA build; 2.13.0 is the CPU wheel here
+        "bench": ["torch==2.13.0", "jax==0.10.2", "jaxlib==0.10.2"],
         "dev": ["pytest>=7", "ruff"],
     },
     entry_points={"console_scripts": ["augnet=augnet._cli:main"]},
