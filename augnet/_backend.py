@@ -4,8 +4,8 @@ Everything the Jacobian engine needs from a framework is here, in JAX-like terms
 
 - ``vjp(f, xs)`` -> ``(y, vjp_fn)``: one forward pass, then any number of vector-Jacobian products.
 - ``jvp(f, xs, tangents)`` -> ``(y, y_dot)``: a Jacobian-vector product (forward mode).
-- ``map_rows(fn, elems, vectorized)``: apply ``fn`` to every row of ``elems``, either vectorised
-  (``pfor``) or as a loop, stacking the results.
+- ``vectorized_map(fn, elems)``: apply ``fn`` to every row of ``elems`` in one vectorised pass
+  (``pfor``), stacking the results.
 - ``compile_function(fn, input_signature, jit_compile)``: trace once per input signature.
 - ``to_numpy``, ``convert``, ``is_symbolic``, ``one_hot``, ``gather_rows``: small tensor utilities.
 
@@ -90,15 +90,10 @@ def jvp(f: Callable[[list], tf.Tensor], xs: Sequence[tf.Tensor], tangents: Seque
     return y, y_dot
 
 
-def map_rows(fn: Callable, elems: tf.Tensor, vectorized: bool, output_signature=None):
-    """Applies ``fn`` to every row of ``elems`` and stacks the results along a new first axis.
-
-    ``vectorized=True`` uses ``tf.vectorized_map`` (pfor: all rows in one vectorised pass);
-    ``vectorized=False`` a ``tf.map_fn`` loop (one row at a time, bounded memory).
-    """
-    if vectorized:
-        return tf.vectorized_map(fn, elems, fallback_to_while_loop=True)
-    return tf.map_fn(fn, elems, fn_output_signature=output_signature, parallel_iterations=1)
+def vectorized_map(fn: Callable, elems: tf.Tensor):
+    """Applies ``fn`` to every row of ``elems`` in one vectorised pass (pfor), stacking the results
+    along a new first axis."""
+    return tf.vectorized_map(fn, elems, fallback_to_while_loop=True)
 
 
 def compile_function(fn: Callable, input_signature, jit_compile: bool = False):

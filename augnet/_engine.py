@@ -1,7 +1,7 @@
 """The Jacobian engine: exact per-sample Jacobians of any callable built of TensorFlow ops.
 
 Works on ``(callable, inputs)`` and knows nothing of images. Reaches the framework only through
-``augnet._backend`` (vjp, jvp, map_rows, compile_function).
+``augnet._backend`` (vjp, jvp, vectorized_map, compile_function).
 
 Strategies (all give the same numbers; ``strategy="auto"`` picks one from the shapes):
 
@@ -27,7 +27,7 @@ import os
 import re
 import time
 import weakref
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -482,7 +482,7 @@ def _reverse_block(target: _Target, vectorized: bool):
             return vjp_fn(B.one_hot(col, M, y.dtype))
 
         if vectorized:
-            rows = B.map_rows(row, B.transpose_first_two(sel), vectorized=True)
+            rows = B.vectorized_map(row, B.transpose_first_two(sel))
             return [B.transpose_first_two(r) for r in rows]
         per_seed = [row(sel[:, j]) for j in range(B.shape_of(sel)[1])]
         return [B.stack(list(grads), axis=1) for grads in zip(*per_seed)]
@@ -1252,22 +1252,6 @@ def jacobian_to_npy(fn, x, path, *, overwrite: bool = False, **kwargs) -> Path:
     finally:
         restore()
     return path
-
-
-def time_strategies(
-    fn, x, strategies: Sequence[str] = ("loop", "pfor", "forward"), repeats: int = 3, **kwargs
-) -> dict:
-    """Median seconds of :func:`jacobian` per strategy (after one warm-up call). For diagnostics."""
-    times = {}
-    for s in strategies:
-        jacobian(fn, x, strategy=s, **kwargs)
-        samples = []
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            jacobian(fn, x, strategy=s, **kwargs)
-            samples.append(time.perf_counter() - t0)
-        times[s] = float(np.median(samples))
-    return times
 
 
 __all__ = [
