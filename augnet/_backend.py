@@ -7,6 +7,7 @@ Everything the Jacobian engine needs from a framework is here, in JAX-like terms
 - ``vectorized_map(fn, elems)``: apply ``fn`` to every row of ``elems`` in one vectorised pass
   (``pfor``), stacking the results.
 - ``compile_function(fn, input_signature, jit_compile)``: trace once per input signature.
+- ``max_pool_2d_routed``: max pooling whose backward passes reuse the forward pass's maxima.
 - ``to_numpy``, ``convert``, ``is_symbolic``, ``one_hot``, ``gather_rows``: small tensor utilities.
 
 A JAX or PyTorch backend is a second module with the same functions (``jax.vjp``/``jax.jvp``/
@@ -45,6 +46,16 @@ def is_floating(dtype) -> bool:
 def is_symbolic() -> bool:
     """True while being traced inside ``tf.function`` (results are then tensors, not arrays)."""
     return not tf.executing_eagerly()
+
+
+def is_eager_tensor(t) -> bool:
+    return isinstance(t, tf.Tensor) and hasattr(t, "numpy")
+
+
+def numpy_view(t) -> np.ndarray:
+    """A read-only NumPy view of an eager tensor's buffer, without a copy: valid only while the
+    tensor itself is referenced (copy out of it before dropping the tensor)."""
+    return np.asarray(t)
 
 
 def to_numpy(t) -> np.ndarray:
@@ -96,11 +107,71 @@ def vectorized_map(fn: Callable, elems: tf.Tensor):
     return tf.vectorized_map(fn, elems, fallback_to_while_loop=True)
 
 
-def compile_function(fn: Callable, input_signature, jit_compile: bool = False):
-    """Traces ``fn`` once per input signature (batch axes are ``None``, so batches do not retrace)."""
-    return tf.function(
-        fn, input_signature=input_signature, jit_compile=jit_compile, autograph=False
-    )
+class CompiledFunction:
+    """``fn`` traced once for its input signature (batch axes ``None``: batches do not retrace).
+
+    Calls go straight to the traced (concrete) function: ``tf.function``'s own dispatch (binding
+    the arguments, looking up the signature) cost ~0.4 ms per call on a 2-core CPU, as much as a
+    small model's whole Jacobian.
+    """
+
+    def __init__(self, fn: Callable, input_signature, jit_compile: bool = False):
+        self.function = tf.function(
+            fn, input_signature=input_signature, jit_compile=jit_compile, autograph=False
+        )
+        self.concrete = self.function.get_concrete_function()
+        # TensorFlow's own entry point behind ConcreteFunction.__call__ (private, so optional).
+        self._call_flat = getattr(self.concrete, "_call_flat", None)
+
+    def __call__(self, *args):
+        flat = tf.nest.flatten(args)
+        if self._call_flat is not None and all(isinstance(t, tf.Tensor) for t in flat):
+            # Tensors already checked against the signature: skip the argument binding (another
+            # ~0.1 ms). The public call below is the fallback, e.g. for NumPy arguments.
+            return self._call_flat(flat, self.concrete.captured_inputs)
+        return self.concrete(*args)
+
+    def experimental_get_tracing_count(self) -> int:
+        return self.function.experimental_get_tracing_count()
+
+
+def compile_function(fn: Callable, input_signature, jit_compile: bool = False) -> CompiledFunction:
+    """Traces ``fn`` once, now, for ``input_signature``; returns a callable (see CompiledFunction)."""
+    return CompiledFunction(fn, input_signature, jit_compile)
+
+
+def max_pool_2d_routed(x, pool_size, strides, padding: str):
+    """2-D max pooling (``(batch, h, w, c)``) whose reverse-mode derivative reuses the window maxima
+    found in the forward pass.
+
+    TensorFlow's ``MaxPoolGrad`` finds each window's maximum again on every backward pass; a
+    Jacobian makes one backward pass per output from the same forward pass, so this records the
+    positions once (``max_pool_with_argmax``) and routes each cotangent with
+    ``MaxPoolGradWithArgmax``: the same numbers (the same first-maximum rule for ties), ~5x less
+    time per backward pass (measured, benchmarks/RESULTS.md). Reverse mode only; no XLA kernel.
+    """
+    ksize = [1, *pool_size, 1]
+    stride = [1, *strides, 1]
+    pad = padding.upper()
+
+    @tf.custom_gradient
+    def pool(x):
+        y, argmax = tf.nn.max_pool_with_argmax(x, ksize, stride, pad, include_batch_in_index=True)
+
+        def grad(upstream):
+            return tf.raw_ops.MaxPoolGradWithArgmax(
+                input=x,
+                grad=upstream,
+                argmax=argmax,
+                ksize=ksize,
+                strides=stride,
+                padding=pad,
+                include_batch_in_index=True,
+            )
+
+        return y, grad
+
+    return pool(x)
 
 
 def tensor_spec(shape, dtype):

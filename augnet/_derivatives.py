@@ -176,6 +176,11 @@ def unregister_derivative(layer_class: type) -> None:
     _CHECKED.clear()
 
 
+def registry_key() -> tuple:
+    """A hashable snapshot of the registry, for caches of prepared calls."""
+    return tuple((id(cls), id(rule)) for cls, rule in _REGISTRY.items())
+
+
 def registered_derivatives() -> dict:
     """A copy of the registry: ``{layer_class: rule}``."""
     return {k: v.value for k, v in _REGISTRY.items()}

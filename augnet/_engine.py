@@ -21,14 +21,16 @@ forward mode input elements, per pass) and ``max_memory`` (from which both are d
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
 import re
 import time
 import weakref
+from collections import OrderedDict
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -49,8 +51,10 @@ from augnet._structure import (
 logger = logging.getLogger(__name__)
 
 STRATEGIES = ("auto", "loop", "pfor", "forward", "loop_xla")
-DEFAULT_MAX_MEMORY = 2 * 1024**3
-MAX_UNROLL = 32  # backward passes per compiled "loop" pass (each chunk costs one forward pass)  # bytes of intermediates per pass when max_memory is not given
+DEFAULT_MAX_MEMORY = 2 * 1024**3  # bytes of intermediates per pass when max_memory is not given
+_AUTO_MARGIN = 0.8  # auto leaves the loop only for a candidate timed this much faster
+_MAX_PLANS = 16  # prepared calls remembered per callable (shapes x options)
+MAX_UNROLL = 32  # backward passes per compiled "loop" pass (each chunk costs one forward pass)
 _RECURRENT_HINTS = ("LSTM", "GRU", "RNN", "ConvLSTM")
 
 
@@ -466,17 +470,22 @@ def _check_indices(sel, size: int, shape: tuple, argument: str) -> np.ndarray:
 # --------------------------------------------------------------------------------------------------
 
 
-def _reverse_block(target: _Target, vectorized: bool):
+def _reverse_block(target: _Target, vectorized: bool, stacked: bool = True, routed: bool = False):
     """``(xs, sel (b, c)) -> [ (b, c, *in_shape_i) ]``: one forward pass, then c backward passes.
 
     The loop form unrolls the c backward passes into one graph (c is static per compiled function):
     on CPU that measured about 2x faster than a ``while_loop`` over the seeds, as TensorFlow runs
-    independent backward passes side by side.
+    independent backward passes side by side. With ``stacked=False`` (the loop form only) it
+    returns ``[[ (b, *in_shape_i) ] * c]`` per input instead, for the caller to copy straight into
+    its result (stacking in the graph cost one more copy of the whole block, single-threaded).
+    ``routed``: max-pooling layers record their maxima once for all c backward passes
+    (:func:`_routed_pooling`).
     """
     M = target.total_outputs
 
     def block(xs, sel):
-        y, vjp_fn = B.vjp(target.flat_output, xs)
+        with _routed_pooling(target.fn if routed else None):
+            y, vjp_fn = B.vjp(target.flat_output, xs)
 
         def row(col):  # col: (b,) output index per sample
             return vjp_fn(B.one_hot(col, M, y.dtype))
@@ -485,9 +494,60 @@ def _reverse_block(target: _Target, vectorized: bool):
             rows = B.vectorized_map(row, B.transpose_first_two(sel))
             return [B.transpose_first_two(r) for r in rows]
         per_seed = [row(sel[:, j]) for j in range(B.shape_of(sel)[1])]
+        if not stacked:
+            return [list(grads) for grads in zip(*per_seed)]
         return [B.stack(list(grads), axis=1) for grads in zip(*per_seed)]
 
     return block
+
+
+def _routable_pools(fn) -> list:
+    """The Keras ``MaxPooling2D`` layers (channels_last, not overridden) inside ``fn``."""
+    try:
+        import keras
+    except ImportError:  # pragma: no cover
+        return []
+    from augnet._derivatives import all_layers
+
+    if not isinstance(fn, keras.layers.Layer):
+        return []
+    cls = keras.layers.MaxPooling2D
+    return [
+        layer
+        for layer in all_layers(fn)
+        if isinstance(layer, cls)
+        and type(layer).call is cls.call  # (MaxPooling2D and AveragePooling2D share it)
+        and getattr(layer, "pool_mode", "max") == "max"
+        and "call" not in layer.__dict__
+        and getattr(layer, "data_format", None) == "channels_last"
+    ]
+
+
+@contextlib.contextmanager
+def _routed_pooling(fn):
+    """While tracing a reverse-mode block: ``fn``'s max-pooling layers pool with
+    ``B.max_pool_2d_routed``, whose backward passes reuse the maxima of the one forward pass
+    (TensorFlow's ``MaxPoolGrad`` searches every window again in each of the m backward passes).
+    The numbers are the same; every layer's ``call`` is restored on exit."""
+    layers = _routable_pools(fn) if fn is not None else []
+    if not layers:
+        yield
+        return
+
+    def routed_call(layer):
+        def call(inputs):
+            return B.max_pool_2d_routed(inputs, layer.pool_size, layer.strides, layer.padding)
+
+        return call
+
+    try:
+        for layer in layers:
+            object.__setattr__(layer, "call", routed_call(layer))
+        yield
+    finally:
+        for layer in layers:
+            if "call" in layer.__dict__:
+                object.__delattr__(layer, "call")
 
 
 def _forward_block(target: _Target, which: int):
@@ -544,7 +604,11 @@ def _compiled(target: _Target, kind: str, training: bool, jit_compile: bool, ext
         return cache[key]
     xs_sig = [B.tensor_spec((None, *s), target.dtype) for s in target.in_shapes]
     if kind in ("loop", "pfor"):
-        block = _reverse_block(target, vectorized=(kind == "pfor"))
+        loop = kind == "loop"
+        # Routed max pooling has no XLA kernel and no pfor rule: the plain loop only. Derivative
+        # rules replace a layer's call themselves: leave those models as they are.
+        routed = loop and not jit_compile and target.rules is None
+        block = _reverse_block(target, vectorized=not loop, stacked=not loop, routed=routed)
         sig = [xs_sig, B.tensor_spec((None, extra), "int32")]
     elif kind == "forward":
         block = _forward_block(target, extra)
@@ -690,6 +754,7 @@ class _Run:
     chunk_size: int
     training: bool
     jit_compile: bool
+    memo: dict = field(default_factory=dict)  # per prepared call: the blocks' seed tensors
 
     @property
     def n_samples(self) -> int:
@@ -820,7 +885,13 @@ def _auto_strategy(
                 logger.debug("augnet: strategy %r failed in the auto probe: %s", name, exc)
         if not estimates:
             return "loop"
-        cache[key] = min(estimates, key=estimates.get)
+        best = min(estimates, key=estimates.get)
+        first = candidates[0]  # the reverse loop
+        if first in estimates and estimates[best] > _AUTO_MARGIN * estimates[first]:
+            # A near tie goes to the loop: strategies differ in the last bits, and a choice that
+            # flipped with timing noise would make two runs (or a reloaded model) differ.
+            best = first
+        cache[key] = best
         logger.debug("augnet: auto strategy estimates (s): %s -> %s", estimates, cache[key])
     return cache[key]
 
@@ -844,12 +915,11 @@ def _probe_seconds(run: _Run) -> float:
         fn = _compiled(target, run.strategy, run.training, run.jit_compile, extra=width)
         args = (xs, rows[:, :c])
         blocks = sample_blocks * math.ceil(sel.size / c)
-    B.to_numpy(fn(*args)[0] if run.strategy != "forward" else fn(*args))  # trace and warm up
+    _values_to_numpy(fn(*args))  # warm up
     best = math.inf
     for _ in range(2):
         t0 = time.perf_counter()
-        out = fn(*args)
-        B.to_numpy(out[0] if run.strategy != "forward" else out)
+        _values_to_numpy(fn(*args))
         best = min(best, time.perf_counter() - t0)
     return best * blocks
 
@@ -891,12 +961,39 @@ def _iter_blocks(run: _Run) -> Iterator[tuple[slice, np.ndarray, list]]:
         else:
             for c0 in range(0, sel.size, run.chunk_size):
                 c1 = min(sel.size, c0 + run.chunk_size)
-                chunk = np.ascontiguousarray(rows_all[:, c0:c1]).astype(np.int32)
+                chunk = run.memo.get((b, c0, c1)) if sel.top_k is None else None
+                if chunk is None:
+                    chunk = B.convert(np.ascontiguousarray(rows_all[:, c0:c1]), "int32")
+                    if sel.top_k is None:  # the same seeds on every call with these options
+                        run.memo[(b, c0, c1)] = chunk
                 width = c1 - c0 if kind == "loop" else None  # the loop is unrolled: static width
                 rev = _compiled(target, kind, run.training, run.jit_compile, extra=width)
-                blocks = rev(xs, chunk)
                 outs = rows_all[:, c0:c1] if sel.top_k is not None else sel.rows[c0:c1]
-                yield slice(s0, s1), slice(c0, c1), outs, [B.to_numpy(v) for v in blocks]
+                yield slice(s0, s1), slice(c0, c1), outs, _values_to_numpy(rev(xs, chunk))
+
+
+def _values_to_numpy(values) -> list:
+    """A block's values per input: a NumPy array ``(b, c, *in_shape)``, or (the loop) the list of
+    c ``(b, *in_shape)`` result tensors, which the caller copies once, straight into its result
+    (:func:`_write_block`), through zero-copy views that live only while the tensors do."""
+    if not isinstance(values, list | tuple):  # forward mode: one tensor
+        return B.to_numpy(values)
+    return [list(v) if isinstance(v, list | tuple) else B.to_numpy(v) for v in values]
+
+
+def _write_block(out: np.ndarray, samples: slice, columns: slice, value) -> None:
+    """``out[samples, columns] = value`` for either form of :func:`_values_to_numpy`."""
+    if isinstance(value, list):
+        for j, column in enumerate(value):
+            out[samples, columns.start + j] = B.numpy_view(column)
+    else:
+        out[samples, columns] = value
+
+
+def _stacked(value) -> np.ndarray:
+    if isinstance(value, list):
+        return np.stack([B.numpy_view(t) for t in value], axis=1)
+    return value
 
 
 def _restore_state(fn, training: bool):
@@ -965,6 +1062,7 @@ def iter_jacobian(
     restore = _restore_state(fn, run.training)
     try:
         for samples, columns, outs, values in _iter_blocks(run):
+            values = [_stacked(v) for v in values]
             yield JacobianChunk(
                 samples, np.asarray(outs), unflatten(values, run.target.in_structure), columns
             )
@@ -1060,19 +1158,8 @@ def jacobian(
             jit_compile=jit_compile,
             derivatives=derivatives,
         )
-    run = _setup(
-        fn,
-        x,
-        outputs,
-        top_k,
-        training,
-        strategy,
-        batch_size,
-        chunk_size,
-        max_memory,
-        jit_compile,
-        derivatives,
-    )
+    options = (outputs, top_k, training, strategy, batch_size, chunk_size, max_memory, jit_compile)
+    run = _prepared(fn, x, options, derivatives)
     if B.is_symbolic():
         return _symbolic_jacobian(run)
     target, sel = run.target, run.selection
@@ -1084,12 +1171,74 @@ def jacobian(
     try:
         for samples, columns, outs, values in _iter_blocks(run):
             for res, v in zip(results, values):
-                res[samples, columns] = v
+                _write_block(res, samples, columns, v)
             if indices is not None:
                 indices[samples, columns] = outs
     finally:
         restore()
     return _assemble(run, results, indices)
+
+
+def _prepared(fn, x, options: tuple, derivatives) -> _Run:
+    """``_setup(fn, x, *options, derivatives)``, remembered per callable for repeated eager calls
+    with one array of the same shape and dtype and the same options.
+
+    Checking and converting the arguments, finding the outputs and planning cost ~0.2 ms per call
+    (more for a subclassed model, which needs a probe forward pass): as much as a small model's
+    whole Jacobian. A cached plan is reused with the new input converted; anything else (lists,
+    dicts, per-call ``derivatives``, inside ``tf.function``) is prepared afresh.
+    """
+    key = _call_key(x, options, derivatives)
+    plans = _cache_for(fn).setdefault("plans", OrderedDict()) if key is not None else None
+    if plans is not None:
+        plan = plans.get(key)
+        if plan is not None:
+            plans.move_to_end(key)
+            tensors = [B.convert(x, plan.target.dtype)]
+            return _Run(
+                plan.target,
+                tensors,
+                plan.selection,
+                plan.strategy,
+                plan.batch_size,
+                plan.chunk_size,
+                plan.training,
+                plan.jit_compile,
+                plan.memo,
+            )
+    run = _setup(fn, x, *options, derivatives)
+    if plans is not None:
+        plans[key] = replace(run, tensors=[])  # not the caller's data
+        while len(plans) > _MAX_PLANS:
+            plans.popitem(last=False)
+    return run
+
+
+def _call_key(x, options: tuple, derivatives):
+    """A hashable key for a prepared call, or ``None`` where the call must be prepared afresh."""
+    if derivatives is not None or B.is_symbolic():
+        return None
+    if isinstance(x, np.ndarray):
+        sig = ("ndarray", x.shape, x.dtype.str)
+    elif B.is_eager_tensor(x):
+        sig = ("tensor", tuple(x.shape), B.dtype_name(x.dtype))
+    else:
+        return None
+    outputs = options[0]
+    if outputs is not None:
+        if not isinstance(outputs, list | tuple | range) or not all(
+            isinstance(o, int) and not isinstance(o, bool) for o in outputs
+        ):
+            return None
+        outputs = (type(outputs).__name__, tuple(outputs))
+    rest = options[1:]
+    try:
+        hash(rest)
+    except TypeError:
+        return None
+    from augnet._derivatives import registry_key
+
+    return ("call", sig, outputs, rest, registry_key(), str(_floatx()))
 
 
 # Inside a caller's tf.function, autograph would rewrite this whole module's source on the first
@@ -1238,7 +1387,7 @@ def jacobian_to_npy(fn, x, path, *, overwrite: bool = False, **kwargs) -> Path:
             offset = f.tell()
             f.truncate(offset + shape[0] * shape[1] * row_bytes)
             for samples, columns, _, values in _iter_blocks(run):
-                block = np.ascontiguousarray(values[0], dtype=dtype)
+                block = np.ascontiguousarray(_stacked(values[0]), dtype=dtype)
                 for i, s in enumerate(range(samples.start, samples.stop)):
                     start = offset + (s * shape[1] + columns.start) * row_bytes
                     os.pwrite(f.fileno(), block[i].tobytes(), start)

@@ -76,7 +76,12 @@ def test_augnet_builds_compiles_fits_saves_and_loads(tmp_path):
     model.save(path)
     loaded = keras.models.load_model(path)
     assert type(loaded) is augnet.AugNet
-    np.testing.assert_array_equal(loaded.return_jacobian(x), J)
+    # strategy="auto" may time its candidates differently for the reloaded model (they agree to
+    # float rounding); one fixed strategy gives identical bits.
+    np.testing.assert_allclose(loaded.return_jacobian(x), J, **F32)
+    np.testing.assert_array_equal(
+        loaded.return_jacobian(x, strategy="loop"), model.return_jacobian(x, strategy="loop")
+    )
     np.testing.assert_array_equal(loaded.predict(x, verbose=0), model.predict(x, verbose=0))
 
 
