@@ -214,15 +214,11 @@ def repeat_samples(x, times: int):
     return tf.repeat(x, times, axis=0)
 
 
-def basis_tangents(columns, n: int, sample_shape, batch, dtype):
-    """Unit tangents: row ``j`` is ``e_{columns[j]}`` reshaped to ``sample_shape``, tiled per sample.
-
-    Returns ``(batch * len(columns), *sample_shape)``, matching :func:`repeat_samples`.
-    """
-    eye = tf.one_hot(columns, n, dtype=dtype)  # (c, n)
-    eye = tf.reshape(eye, (-1, *sample_shape))
-    reps = [batch] + [1] * len(sample_shape)
-    return tf.tile(eye, reps)
+def unit_tangent(column, n: int, sample_shape, like):
+    """``e_column`` (of ``n`` elements) reshaped to ``sample_shape``, for every sample of ``like``:
+    ``(batch, *sample_shape)``."""
+    e = tf.one_hot(column, n, dtype=like.dtype)
+    return tf.broadcast_to(tf.reshape(e, (1, *sample_shape)), tf.shape(like))
 
 
 def dim(t, axis: int):
