@@ -302,6 +302,15 @@ def _prepare_target(fn, x, training: bool, derivatives=None) -> tuple[_Target, l
     return target, tensors
 
 
+def _floatx_name() -> str:
+    try:
+        import keras
+
+        return keras.config.floatx()
+    except Exception:  # pragma: no cover
+        return "float32"
+
+
 def _floatx():
     try:
         import keras
@@ -834,8 +843,9 @@ def auto_candidates(target: _Target, m: int, training: bool) -> list[str]:
     """The strategies ``"auto"`` considers for ``m`` selected outputs.
 
     Forward mode alone when a sample's input elements are at most half the selected outputs (a
-    tall Jacobian: one pass per input element beats one per output); otherwise the reverse modes,
-    plus forward mode while the input is not much larger than the output. Forward mode is left out
+    tall Jacobian: one pass per input element beats one per output); the loop alone for
+    convolutional networks; the loop with and without XLA for recurrent ones; otherwise the reverse
+    modes, plus forward mode while the input is not much larger than the output. Forward mode is left out
     with ``training=True`` (it supports inference only), recurrent layers (TensorFlow's forward mode fails
     on their loops) and custom derivative rules (they act in reverse mode).
     """
@@ -849,6 +859,10 @@ def auto_candidates(target: _Target, m: int, training: bool) -> list[str]:
         # depthwise convolutions), and XLA gained at most ~10% there for seconds of compiling;
         # skip timing the candidates.
         return ["loop"]
+    if target.recurrent:
+        # XLA makes the loop 3-6x faster on the LSTM benchmark; pfor was 4x slower than that and
+        # took ~9 s to trace, so timing it would only lengthen the first call.
+        return ["loop", "loop_xla"]
     # XLA helps the reverse loop most on recurrent and small dense networks (3-5x on the LSTM
     # benchmark); never forward mode, where XLA gave wrong JVPs through MaxPooling2D.
     candidates = ["loop", "pfor", "loop_xla"]
@@ -1276,9 +1290,9 @@ def _call_key(x, options: tuple, derivatives):
     if derivatives is not None or B.is_symbolic():
         return None
     if isinstance(x, np.ndarray):
-        sig = ("ndarray", x.shape, x.dtype.str)
+        sig = ("ndarray", x.shape, x.dtype)
     elif B.is_eager_tensor(x):
-        sig = ("tensor", tuple(x.shape), B.dtype_name(x.dtype))
+        sig = ("tensor", x.shape, x.dtype)  # TensorShape and DType hash by value
     else:
         return None
     outputs = options[0]
@@ -1295,7 +1309,7 @@ def _call_key(x, options: tuple, derivatives):
         return None
     from augnet._derivatives import registry_key
 
-    return ("call", sig, outputs, rest, registry_key(), str(_floatx()))
+    return ("call", sig, outputs, rest, registry_key(), _floatx_name())
 
 
 # Inside a caller's tf.function, autograph would rewrite this whole module's source on the first

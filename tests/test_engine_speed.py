@@ -310,3 +310,23 @@ def test_auto_leaves_the_loop_only_for_a_clear_win(monkeypatch, seconds, chosen)
     got = "loop_xla" if run.strategy == "loop" and run.jit_compile else run.strategy
     assert got == chosen
     np.testing.assert_allclose(augnet.jacobian(model, x), tape_loop_jacobian(model, x), **F32)
+
+
+def test_auto_candidates_by_kind_of_network():
+    keras.utils.set_random_seed(35)
+    dense = _dense_model("kinds_dense")
+    conv = keras.Sequential([keras.Input((6, 6, 1)), L.Conv2D(2, 3), L.Flatten(), L.Dense(3)])
+    rnn = keras.Sequential([keras.Input((5, 2)), L.LSTM(4), L.Dense(3)])
+    tall = keras.Sequential([keras.Input((2,)), L.Dense(16)])
+
+    def candidates(model, x, training=False):
+        target, _ = _engine._prepare_target(model, x, training)
+        _engine._infer_outputs(target, [x])
+        return _engine.auto_candidates(target, target.total_outputs, training)
+
+    x4, x6, x5, x2 = (np.zeros(s, "float32") for s in ((1, 4), (1, 6, 6, 1), (1, 5, 2), (1, 2)))
+    assert candidates(dense, x4) == ["loop", "pfor", "loop_xla", "forward"]
+    assert candidates(dense, x4, training=True) == ["loop", "pfor", "loop_xla"]
+    assert candidates(conv, x6) == ["loop"]
+    assert candidates(rnn, x5) == ["loop", "loop_xla"]
+    assert candidates(tall, x2) == ["forward"]
