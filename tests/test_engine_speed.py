@@ -330,3 +330,24 @@ def test_auto_candidates_by_kind_of_network():
     assert candidates(conv, x6) == ["loop"]
     assert candidates(rnn, x5) == ["loop", "loop_xla"]
     assert candidates(tall, x2) == ["forward"]
+
+
+def test_routed_max_pooling_with_training_true():
+    """training=True runs the model statelessly; routing applies there too (BatchNorm on the
+    pass's batch statistics: the reference is the same per-output tape loop in training mode)."""
+    keras.utils.set_random_seed(36)
+    model = keras.Sequential(
+        [
+            keras.Input((8, 8, 2)),
+            L.Conv2D(3, 3, activation="relu"),
+            L.BatchNormalization(),
+            L.MaxPooling2D(2),
+            L.Flatten(),
+            L.Dense(3),
+        ]
+    )
+    x = RNG.uniform(size=(4, 8, 8, 2)).astype("float32")
+    moving_mean = model.layers[1].moving_mean.numpy().copy()
+    J = augnet.jacobian(model, x, training=True, strategy="loop")
+    np.testing.assert_array_equal(model.layers[1].moving_mean.numpy(), moving_mean)  # unchanged
+    np.testing.assert_allclose(J, tape_loop_jacobian(model, x, training=True), **F32)
