@@ -905,17 +905,14 @@ def _auto_strategy(
     )
     cache = _cache_for(target.fn)
     if key not in cache:
-        estimates = {}
+        runs = {}
         for name in candidates:
             kind, jit = ("loop", True) if name == "loop_xla" else (name, False)
             b, c = _plan(
                 target, kind, n_samples, selection.size, batch_size, chunk_size, max_memory
             )
-            run = _Run(target, tensors, selection, kind, b, c, training, jit)
-            try:
-                estimates[name] = _probe_seconds(run)
-            except Exception as exc:  # a strategy TensorFlow cannot run here: skip it
-                logger.debug("augnet: strategy %r failed in the auto probe: %s", name, exc)
+            runs[name] = _Run(target, tensors, selection, kind, b, c, training, jit)
+        estimates = _probe_estimates(runs)
         if not estimates:
             return "loop"
         best = min(estimates, key=estimates.get)
@@ -929,13 +926,44 @@ def _auto_strategy(
     return cache[key]
 
 
-def _probe_seconds(run: _Run) -> float:
-    """Seconds the whole job would take with ``run.strategy``, from one timed block after warm-up."""
+def _probe_estimates(runs: dict) -> dict:
+    """``{name: seconds}``: how long the whole job would take with each candidate run, from timed
+    blocks after a warm-up; candidates TensorFlow cannot run here are left out.
+
+    The candidates are timed in turns (one call each per round) so that drift in the machine's
+    speed hits them alike, each for at least 3 calls and, for fast ones, up to ~20 ms of calls:
+    a few sub-millisecond calls are too noisy to rank strategies by. Each takes its best call.
+    """
+    calls = {}
+    for name, run in runs.items():
+        try:
+            call, blocks = _probe_call(run)
+            call()  # trace and warm up
+            calls[name] = (call, blocks)
+        except Exception as exc:  # a strategy TensorFlow cannot run here: skip it
+            logger.debug("augnet: strategy %r failed in the auto probe: %s", name, exc)
+    best = dict.fromkeys(calls, math.inf)
+    spent = dict.fromkeys(calls, 0.0)
+    for reps in range(50):
+        if reps >= 3 and all(t >= 0.02 for t in spent.values()):
+            break
+        for name, (call, _) in calls.items():
+            t0 = time.perf_counter()
+            call()
+            elapsed = time.perf_counter() - t0
+            best[name] = min(best[name], elapsed)
+            spent[name] += elapsed
+    return {name: best[name] * blocks for name, (_, blocks) in calls.items()}
+
+
+def _probe_call(run: _Run) -> tuple[Callable, int]:
+    """A call computing one block of ``run`` (to NumPy, as the job would), and the number of such
+    blocks in the whole job."""
     target, sel = run.target, run.selection
     b = min(run.batch_size, run.n_samples)
     xs = [t[:b] for t in run.tensors]
     rows = np.arange(sel.size) if sel.rows is None else sel.rows  # top_k: any k rows cost the same
-    rows = np.ascontiguousarray(np.broadcast_to(rows, (b, sel.size))).astype(np.int32)
+    rows = np.broadcast_to(rows, (b, sel.size))
     sample_blocks = math.ceil(run.n_samples / b)
     if run.strategy == "forward":
         all_outputs = sel.full and sel.top_k is None
@@ -947,18 +975,14 @@ def _probe_seconds(run: _Run) -> float:
         c = min(run.chunk_size, sel.size)
         width = c if run.strategy == "loop" else None
         fn = _compiled(target, run.strategy, run.training, run.jit_compile, extra=width)
-        args = (xs, rows[:, :c])
+        # Tensors, as the job passes them (NumPy arguments take a slower call path).
+        args = (xs, B.convert(np.ascontiguousarray(rows[:, :c]), "int32"))
         blocks = sample_blocks * math.ceil(sel.size / c)
-    _values_to_numpy(fn(*args))  # warm up
-    best, spent, reps = math.inf, 0.0, 0
-    # The best of at least 3 calls, and of more for fast ones (up to ~20 ms of calls): a few
-    # sub-millisecond calls are too noisy to rank strategies by.
-    while reps < 3 or (spent < 0.02 and reps < 50):
-        t0 = time.perf_counter()
+
+    def call():
         _values_to_numpy(fn(*args))
-        elapsed = time.perf_counter() - t0
-        best, spent, reps = min(best, elapsed), spent + elapsed, reps + 1
-    return best * blocks
+
+    return call, blocks
 
 
 def _iter_blocks(run: _Run) -> Iterator[tuple[slice, np.ndarray, list]]:

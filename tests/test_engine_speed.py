@@ -301,11 +301,11 @@ def test_auto_leaves_the_loop_only_for_a_clear_win(monkeypatch, seconds, chosen)
     target, _ = _engine._prepare_target(model, x, False)
     assert _engine.auto_candidates(target, 3, False) == ["loop", "pfor", "loop_xla", "forward"]
 
-    def probe(run):
-        name = "loop_xla" if run.strategy == "loop" and run.jit_compile else run.strategy
-        return seconds[name]
+    def probe(runs):
+        assert set(runs) == set(seconds)
+        return dict(seconds)
 
-    monkeypatch.setattr(_engine, "_probe_seconds", probe)
+    monkeypatch.setattr(_engine, "_probe_estimates", probe)
     run = _engine._setup(model, x, None, None, False, "auto", None, None, None, False)
     got = "loop_xla" if run.strategy == "loop" and run.jit_compile else run.strategy
     assert got == chosen
@@ -351,3 +351,21 @@ def test_routed_max_pooling_with_training_true():
     J = augnet.jacobian(model, x, training=True, strategy="loop")
     np.testing.assert_array_equal(model.layers[1].moving_mean.numpy(), moving_mean)  # unchanged
     np.testing.assert_allclose(J, tape_loop_jacobian(model, x, training=True), **F32)
+
+
+def test_auto_probe_times_every_candidate_and_extrapolates():
+    model = _dense_model("probe_real")
+    x = RNG.uniform(-1, 1, size=(6, 4)).astype("float32")
+    target, tensors = _engine._prepare_target(model, x, False)
+    _engine._infer_outputs(target, tensors)
+    selection = _engine._select(target, None, None)
+    runs = {
+        "loop": _engine._Run(target, tensors, selection, "loop", 2, 3, False, False),
+        "forward": _engine._Run(target, tensors, selection, "forward", 6, 4, False, False),
+    }
+    estimates = _engine._probe_estimates(runs)
+    assert set(estimates) == {"loop", "forward"}
+    assert all(0 < t < 10 for t in estimates.values())
+    # A strategy that cannot run is left out rather than failing the call.
+    runs["broken"] = _engine._Run(target, [], selection, "loop", 2, 3, False, False)
+    assert set(_engine._probe_estimates(runs)) == {"loop", "forward"}
