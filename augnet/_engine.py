@@ -312,12 +312,7 @@ def _floatx_name() -> str:
 
 
 def _floatx():
-    try:
-        import keras
-
-        return np.dtype(keras.config.floatx())
-    except Exception:  # pragma: no cover
-        return np.dtype("float32")
+    return np.dtype(_floatx_name())
 
 
 def _match_inputs(leaves, structure, spec_leaves, model_structure):
@@ -547,10 +542,7 @@ def _routed_pooling(fn):
     ``B.max_pool_2d_routed``, whose backward passes reuse the maxima of the one forward pass
     (TensorFlow's ``MaxPoolGrad`` searches every window again in each of the m backward passes).
     The numbers are the same; every layer's ``call`` is restored on exit."""
-    layers = _routable_pools(fn) if fn is not None else []
-    if not layers:
-        yield
-        return
+    from augnet._derivatives import _patched  # replaces instances' `call`, always restores
 
     def routed_call(layer):
         def call(inputs):
@@ -558,14 +550,9 @@ def _routed_pooling(fn):
 
         return call
 
-    try:
-        for layer in layers:
-            object.__setattr__(layer, "call", routed_call(layer))
+    layers = _routable_pools(fn) if fn is not None else []
+    with _patched({layer: routed_call(layer) for layer in layers}):
         yield
-    finally:
-        for layer in layers:
-            if "call" in layer.__dict__:
-                object.__delattr__(layer, "call")
 
 
 def _forward_block(target: _Target, which: int, all_outputs: bool = False):
@@ -844,10 +831,11 @@ def auto_candidates(target: _Target, m: int, training: bool) -> list[str]:
 
     Forward mode alone when a sample's input elements are at most half the selected outputs (a
     tall Jacobian: one pass per input element beats one per output); the loop alone for
-    convolutional networks; the loop with and without XLA for recurrent ones; otherwise the reverse
-    modes, plus forward mode while the input is not much larger than the output. Forward mode is left out
-    with ``training=True`` (it supports inference only), recurrent layers (TensorFlow's forward mode fails
-    on their loops) and custom derivative rules (they act in reverse mode).
+    convolutional networks; the loop with and without XLA for recurrent ones; otherwise the
+    reverse modes, plus forward mode while the input is not much larger than the output. Forward
+    mode is left out with ``training=True`` (it supports inference only), recurrent layers
+    (TensorFlow's forward mode fails on their loops) and custom derivative rules (they act in
+    reverse mode).
     """
     n = sum(target.in_sizes)
     forward_ok = not training and not target.recurrent and getattr(target, "rules", None) is None
@@ -863,8 +851,8 @@ def auto_candidates(target: _Target, m: int, training: bool) -> list[str]:
         # XLA makes the loop 3-6x faster on the LSTM benchmark; pfor was 4x slower than that and
         # took ~9 s to trace, so timing it would only lengthen the first call.
         return ["loop", "loop_xla"]
-    # XLA helps the reverse loop most on recurrent and small dense networks (3-5x on the LSTM
-    # benchmark); never forward mode, where XLA gave wrong JVPs through MaxPooling2D.
+    # Small dense networks: every candidate is timed; XLA for the reverse loop only, never forward
+    # mode, where XLA gave wrong JVPs through MaxPooling2D.
     candidates = ["loop", "pfor", "loop_xla"]
     if forward_ok and n <= 8 * m:
         candidates.append("forward")
@@ -966,7 +954,7 @@ def _probe_call(run: _Run) -> tuple[Callable, int]:
     rows = np.broadcast_to(rows, (b, sel.size))
     sample_blocks = math.ceil(run.n_samples / b)
     if run.strategy == "forward":
-        all_outputs = sel.full and sel.top_k is None
+        all_outputs = sel.full  # (never with top_k)
         fn = _compiled(target, "forward", run.training, run.jit_compile, extra=(0, all_outputs))
         c = min(run.chunk_size, target.in_sizes[0])
         args = (xs, B.convert(np.arange(c), "int32"), B.convert(rows, "int32"))
@@ -1005,7 +993,7 @@ def _iter_blocks(run: _Run) -> Iterator[tuple[slice, np.ndarray, list]]:
         else:
             rows_all = np.broadcast_to(sel.rows, (b, len(sel.rows)))
         if kind == "forward":
-            all_outputs = sel.full and sel.top_k is None
+            all_outputs = sel.full  # (never with top_k)
             sel_t = _memo(run, ("rows", b), lambda r=rows_all: r, fixed=sel.top_k is None)
             values = []
             for i, (n_i, shape) in enumerate(zip(target.in_sizes, target.in_shapes)):
@@ -1289,18 +1277,7 @@ def _prepared(fn, x, options: tuple, derivatives) -> _Run:
         plan = plans.get(key)
         if plan is not None:
             plans.move_to_end(key)
-            tensors = [B.convert(x, plan.target.dtype)]
-            return _Run(
-                plan.target,
-                tensors,
-                plan.selection,
-                plan.strategy,
-                plan.batch_size,
-                plan.chunk_size,
-                plan.training,
-                plan.jit_compile,
-                plan.memo,
-            )
+            return replace(plan, tensors=[B.convert(x, plan.target.dtype)])  # memo shared
     run = _setup(fn, x, *options, derivatives)
     if plans is not None:
         plans[key] = replace(run, tensors=[])  # not the caller's data
