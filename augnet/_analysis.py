@@ -8,6 +8,10 @@
   weights.
 - :func:`jacobian_norms` ``(J)``: Frobenius, spectral (power iteration), per-output L1/L2.
 - :func:`local_lipschitz` ``(model, x, radius)``: max spectral norm over a neighbourhood.
+
+Everything that differentiates goes through the engine (``augnet._engine``): ``wrt=`` is the
+engine's (``augnet/_engine/sensitivity.py``) and parameter gradients are its
+``parameter_gradients``; this module checks arguments, walks layers and computes norms in NumPy.
 """
 
 from __future__ import annotations
@@ -17,8 +21,7 @@ from typing import NamedTuple
 import keras
 import numpy as np
 
-from augnet import _backend as B
-from augnet import _derivatives, _engine
+from augnet import _engine
 from augnet._errors import format_shape, invalid_value
 from augnet._structure import SINGLE, flatten, unflatten
 
@@ -101,26 +104,8 @@ def layer_jacobians(model, x, *, derivatives=None, **engine_kwargs) -> dict:
     out = {}
     for layer in layers:
         out[layer.name] = _engine.jacobian(layer, a, derivatives=derivatives, **engine_kwargs)
-        a = B.to_numpy(layer(B.convert(a, _dtype_of(a)), training=False))
+        a = keras.ops.convert_to_numpy(layer(keras.ops.convert_to_tensor(a), training=False))
     return out
-
-
-def _dtype_of(a):
-    return getattr(a, "dtype", np.asarray(a).dtype)
-
-
-def _find_layer(model, name: str):
-    _check_model(model)
-    if not isinstance(name, str):
-        raise TypeError(invalid_value("wrt", name, "a layer name (str)"))
-    for layer in model.layers:
-        if layer.name == name:
-            return layer
-    names = [layer.name for layer in model.layers if not _is_input_layer(layer)]
-    raise ValueError(
-        f"Model {model.name!r} has no layer named {name!r}; its layers are {names}. Pass one of "
-        "those names (nested models' layers: pass the nested model's own name)."
-    )
 
 
 def intermediate_model(model, layer_name: str) -> keras.Model:
@@ -133,7 +118,7 @@ def intermediate_model(model, layer_name: str) -> keras.Model:
         model: a functional or Sequential model.
         layer_name: the name of one of its (top-level) layers.
     """
-    layer = _find_layer(model, layer_name)
+    layer = _engine.find_layer(model, layer_name)
     inputs = _engine.symbolic_io(model, "input")
     if inputs is None:
         raise TypeError(
@@ -143,32 +128,12 @@ def intermediate_model(model, layer_name: str) -> keras.Model:
     return keras.Model(inputs=inputs, outputs=layer.output, name=f"{model.name}_to_{layer_name}")
 
 
-def _record_activation(model, layer, x, training: bool):
-    """Runs ``model`` on ``x`` once and returns ``layer``'s output (NumPy)."""
-    seen = []
-    original = layer.call
-
-    def recording(*args, **kwargs):
-        y = original(*args, **kwargs)
-        seen.append(y)
-        return y
-
-    with _derivatives._patched({layer: recording}):
-        model(x, training=training)
-    if len(seen) != 1 or not B.is_float_tensor(seen[0]):
-        raise ValueError(
-            f"Layer {layer.name!r} ran {len(seen)} time(s) in one forward pass or returned "
-            "something other than one floating tensor; `wrt` needs a layer called once with one "
-            "floating output."
-        )
-    return seen[0]
-
-
 def jacobian_wrt(model, x, wrt: str, *, derivatives=None, training: bool = False, **engine_kwargs):
     """The Jacobian of the outputs with respect to an intermediate activation.
 
     The activation ``a`` of layer ``wrt`` is treated as a free variable and everything else
-    (including skip connections from earlier layers) as fixed: ``∂y/∂a`` per sample.
+    (including skip connections from earlier layers) as fixed: ``∂y/∂a`` per sample. The same as
+    ``augnet.jacobian(model, x, wrt=wrt, ...)``.
 
     Args:
         model: a ``keras.Model`` (functional, Sequential or subclassed) containing layer ``wrt``.
@@ -182,40 +147,9 @@ def jacobian_wrt(model, x, wrt: str, *, derivatives=None, training: bool = False
         outputs; a ``TopKJacobian`` with ``top_k``). The engine also computes (zero) blocks for
         ``x``, so the memory is that of the Jacobian with respect to ``x``.
     """
-    layer = _find_layer(model, wrt)
-    x_leaves, x_structure = flatten(x)
-    x_tensors = [
-        B.convert(v, _engine._floatx() if np.asarray(v).dtype.kind != "f" else _dtype_of(v))
-        for v in x_leaves
-    ]
-    with _derivatives.use_derivatives(model, derivatives):
-        a = _record_activation(model, layer, unflatten(x_tensors, x_structure), training)
-    original = layer.call
-
-    def g(inputs):
-        a_t, *xs = inputs
-        xs = [B.stop_gradient(t) for t in xs]
-
-        def replaced(*args, **kwargs):
-            return B.convert(a_t, a.dtype)
-
-        with _derivatives.use_derivatives(model, derivatives):
-            with _derivatives._patched({layer: replaced}):
-                return model(unflatten(xs, x_structure), training=training)
-
-    del original
-    J = _engine.jacobian(g, [B.to_numpy(a), *x_tensors], training=False, **engine_kwargs)
-    out_io = _engine.symbolic_io(model, "output")
-    if out_io is not None:
-        n_out = len(flatten(out_io, "model.output")[0])
-    else:
-        n_out = len(flatten(model(unflatten([t[:1] for t in x_tensors], x_structure)))[0])
-    if isinstance(J, _engine.TopKJacobian):
-        return J._replace(jacobian=J.jacobian[0])
-    if n_out == 1:
-        return J[0]
-    leaves, structure = flatten(J, "J")
-    return unflatten([leaf[0] for leaf in leaves], structure)
+    return _engine.jacobian(
+        model, x, wrt=wrt, derivatives=derivatives, training=training, **engine_kwargs
+    )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -287,47 +221,36 @@ def parameter_gradients(
     variables = _select_weights(model, weights)
     if not variables:
         raise ValueError(f"Model {model.name!r} has no trainable weights to differentiate.")
-    target, tensors = _engine._prepare_target(model, x, training, derivatives)
-    _engine._infer_outputs(target, tensors)
-    batch = int(tensors[0].shape[0])
-    tf_vars = [getattr(v, "value", v) for v in variables]
     shapes = [tuple(v.shape) for v in variables]
     names = [v.path for v in variables]
-    results: list[list] = [[] for _ in variables]
     if loss is not None:
         loss_fn = keras.losses.get(loss) if isinstance(loss, str | dict) else loss
         if not callable(loss_fn):
             raise TypeError(invalid_value("loss", loss, "a Keras loss name, object or function"))
         y_leaves, y_structure = flatten(y, "y")
+        x_first = flatten(x)[0][0]
+        batch = int(np.shape(x_first)[0]) if np.ndim(x_first) else None
         for leaf in y_leaves:
-            if int(np.shape(leaf)[0]) != batch:
+            if batch is not None and int(np.shape(leaf)[0]) != batch:
                 raise ValueError(
                     f"`y` has shape {format_shape(np.shape(leaf))}, but `x` has a batch of "
                     f"{batch}; pass one target per sample."
                 )
-        for b in range(batch):
-            xs = [t[b : b + 1] for t in tensors]
-            y_b = unflatten([np.asarray(v)[b : b + 1] for v in y_leaves], y_structure)
-
-            def f(xs=xs, y_b=y_b):
-                outs = target.call(xs)
-                pred = unflatten(outs, target.out_structure)
-                return keras.ops.sum(loss_fn(y_b, pred))
-
-            value, vjp_fn = B.variable_vjp(f, tf_vars)
-            for r, g in zip(results, vjp_fn(keras.ops.ones_like(value))):
-                r.append(B.to_numpy(g))
-        return {n: np.stack(r) for n, r in zip(names, results)}
-    M = target.total_outputs
-    for b in range(batch):
-        xs = [t[b : b + 1] for t in tensors]
-        value, vjp_fn = B.variable_vjp(lambda xs=xs: target.flat_output(xs), tf_vars)
-        rows = [vjp_fn(B.one_hot([j], M, value.dtype)) for j in range(M)]
-        for i, r in enumerate(results):
-            r.append(np.stack([B.to_numpy(row[i]) for row in rows]))  # (M, *w)
+        _, grads = _engine.parameter_gradients(
+            model,
+            x,
+            variables,
+            training=training,
+            derivatives=derivatives,
+            loss=(loss_fn, y_leaves, y_structure),
+        )
+        return dict(zip(names, grads))
+    target, grads = _engine.parameter_gradients(
+        model, x, variables, training=training, derivatives=derivatives
+    )
     out = {}
-    for name, r, shape in zip(names, results, shapes):
-        full = np.stack(r)  # (batch, M, *w)
+    for name, full, shape in zip(names, grads, shapes):  # full: (batch, M, *w)
+        batch = full.shape[0]
         per_out, start = [], 0
         for o_shape, size in zip(target.out_shapes, target.out_sizes):
             per_out.append(full[:, start : start + size].reshape((batch, *o_shape, *shape)))
@@ -452,7 +375,7 @@ def local_lipschitz(
             "local_lipschitz takes a model with one input; received `x` as a "
             f"{structure.kind} of {len(leaves)} arrays."
         )
-    x = np.asarray(B.to_numpy(leaves[0]))
+    x = keras.ops.convert_to_numpy(leaves[0])
     if x.ndim < 2:
         raise ValueError(f"`x` has shape {format_shape(x.shape)}; expected (batch, *input_shape).")
     batch, shape = x.shape[0], x.shape[1:]

@@ -6,9 +6,11 @@
   computes the VJP (or the full Jacobian) as its forward pass: it can be summarised, plotted,
   saved to ``.keras``, loaded back and exported to a SavedModel for serving.
 
-The products go through the autodiff seam (``augnet._backend``) and the engine's target
-machinery, so that inputs and outputs follow the same structure rules as
-``AugNet.return_jacobian`` (one array, or a list/dict of them) and derivative rules apply.
+``vjp`` and ``jvp`` are the engine's (``augnet/_engine/products.py``: compiled once per input
+signature and cached, like the Jacobian), so that inputs and outputs follow the same structure
+rules as ``AugNet.return_jacobian`` (one array, or a list/dict of them) and derivative rules
+apply. A backward model's layers compute through the autodiff seam (``augnet._backend``) inside
+Keras's own call, so Keras compiles them with the model (``predict``, ``predict_on_batch``).
 """
 
 from __future__ import annotations
@@ -17,125 +19,10 @@ import keras
 import numpy as np
 
 from augnet import _backend as B
-from augnet import _derivatives, _engine
+from augnet import _engine
+from augnet._engine.products import jvp, vjp
 from augnet._errors import format_shape
-from augnet._structure import DICT, SINGLE, flatten, unflatten
-
-# --------------------------------------------------------------------------------------------------
-# VJP and JVP per sample
-# --------------------------------------------------------------------------------------------------
-
-
-def _leaves_like(value, structure, names: list[str], argument: str, what: str) -> list:
-    """Flattens ``value`` in the order of ``names`` (the leaves of ``structure``)."""
-    leaves, given = flatten(value, argument)
-    if structure.kind == DICT:
-        if given.kind != DICT:
-            raise TypeError(
-                f"`{argument}` must be a dict with the keys {list(structure.keys)} of the "
-                f"{what}; received {type(value).__name__}."
-            )
-        by_name = {f"x[{k!r}]": v for k, v in zip(given.keys, leaves)}
-        missing = [n for n in names if n not in by_name]
-        if missing or len(by_name) != len(names):
-            raise ValueError(
-                f"`{argument}` has keys {list(given.keys)}, but the {what} are "
-                f"{list(structure.keys)}. Pass one array per {what[:-1]}."
-            )
-        return [by_name[n] for n in names]
-    if len(leaves) != len(structure):
-        raise ValueError(
-            f"`{argument}` holds {len(leaves)} array(s), but the model has {len(structure)} "
-            f"{what}. Pass {'one array' if structure.kind == SINGLE else 'a list of ' + str(len(structure))}"
-            f" with a batch axis first."
-        )
-    return leaves
-
-
-def _check_batch_shape(leaf, expected: tuple, batch: int, argument: str):
-    shape = tuple(leaf.shape)
-    if shape != (batch, *expected):
-        raise ValueError(
-            f"`{argument}` has shape {format_shape(shape)}, expected {format_shape((batch, *expected))}"
-            f" (batch, *shape) to match the model and `x`. Reshape it, or use np.broadcast_to."
-        )
-
-
-def _to_result(t):
-    return t if B.is_symbolic() else B.to_numpy(t)
-
-
-def _out_names(target) -> list[str]:
-    s = target.out_structure
-    return ["y"] if s.kind == SINGLE else [f"x[{k!r}]" for k in s.keys]
-
-
-def vjp(model, x, cotangent, *, training: bool = False, derivatives=None):
-    """Per-sample vector-Jacobian products ``uᵀ·∂y/∂x`` (one backward pass).
-
-    Args:
-        model: a ``keras.Model`` or a callable built of TensorFlow ops.
-        x: ``(batch, *input_shape)``, or a list/dict of them (as for ``return_jacobian``).
-        cotangent: ``u``, shaped like the outputs: ``(batch, *output_shape)``, or a list/dict with
-            one array per output.
-        training: the forward pass's mode (see ``augnet.jacobian``).
-        derivatives: ``{LayerClass: rule}`` custom derivative rules for this call.
-
-    Returns:
-        ``(batch, *input_shape)`` shaped like ``x`` (the same list/dict structure): sample ``b`` is
-        ``Σ_o u[b, o] · ∂y[b, o]/∂x[b]``.
-
-    Example:
-        >>> g = augnet.vjp(model, x, np.ones((8, 2), "float32"))   # doctest: +SKIP
-        >>> g.shape == x.shape                                      # doctest: +SKIP
-        True
-    """
-    target, tensors = _engine._prepare_target(model, x, training, derivatives)
-    _engine._infer_outputs(target, tensors)
-    batch = int(tensors[0].shape[0])
-    leaves = _leaves_like(
-        cotangent, target.out_structure, _out_names(target), "cotangent", "outputs"
-    )
-    y, vjp_fn = B.vjp(target.flat_output, tensors)
-    flat = []
-    for leaf, shape, name in zip(leaves, target.out_shapes, _out_names(target)):
-        _check_batch_shape(leaf, shape, batch, "cotangent" + name[1:])
-        flat.append(B.flatten_samples(B.convert(leaf, y.dtype)))
-    grads = vjp_fn(B.concat(flat, axis=1))
-    return unflatten([_to_result(g) for g in grads], target.in_structure)
-
-
-def jvp(model, x, tangent, *, training: bool = False, derivatives=None):
-    """Per-sample Jacobian-vector products ``∂y/∂x · v`` (forward mode).
-
-    Args:
-        model: a ``keras.Model`` or a callable built of TensorFlow ops.
-        x: ``(batch, *input_shape)``, or a list/dict of them.
-        tangent: ``v``, shaped like ``x`` (the same list/dict structure).
-        training: the forward pass's mode.
-        derivatives: ``{LayerClass: rule}``. With rules active the product is computed in reverse
-            mode (the double-VJP trick), as TensorFlow's forward mode ignores custom gradients.
-
-    Returns:
-        ``(batch, *output_shape)`` shaped like the outputs (a list/dict for several outputs):
-        sample ``b`` is ``∂y[b]/∂x[b] · v[b]``.
-    """
-    target, tensors = _engine._prepare_target(model, x, training, derivatives)
-    _engine._infer_outputs(target, tensors)
-    batch = int(tensors[0].shape[0])
-    leaves = _leaves_like(tangent, target.in_structure, target.in_names, "tangent", "inputs")
-    tangents = []
-    for leaf, t, shape, name in zip(leaves, tensors, target.in_shapes, target.in_names):
-        _check_batch_shape(leaf, shape, batch, "tangent" + name[1:])
-        tangents.append(B.convert(leaf, t.dtype))
-    product = B.jvp_by_vjp if target.rules is not None else B.jvp
-    _, y_dot = product(target.flat_output, tensors, tangents)
-    outs, start = [], 0
-    for shape, size in zip(target.out_shapes, target.out_sizes):
-        outs.append(_to_result(B.reshape(y_dot[:, start : start + size], (-1, *shape))))
-        start += size
-    return unflatten(outs, target.out_structure)
-
+from augnet._structure import DICT, flatten, unflatten
 
 # --------------------------------------------------------------------------------------------------
 # Backward models
@@ -199,7 +86,7 @@ class VJPLayer(_ModelLayer):
         leaves = list(inputs) if isinstance(inputs, list | tuple) else [inputs]
         n = len(self._in_shapes)
         xs, seeds = leaves[:n], leaves[n:]
-        with _derivatives.use_derivatives(self.model, self.derivatives):
+        with _engine.apply_rules(self.model, self.derivatives):
             y, vjp_fn = B.vjp(self._forward, xs)
         b = B.dim(xs[0], 0)
         if self.gradient is not None:
@@ -324,7 +211,7 @@ def backward_model(model, gradient=None, *, jacobian: bool = False, derivatives=
             )
     # The gradient-path check runs eagerly once, on a zero probe sample.
     probe = [B.convert(np.zeros((1, *t.shape[1:])), t.dtype) for t in in_leaves]
-    _derivatives.check_gradient_paths(
+    _engine.check_gradient_paths(
         model,
         lambda xs: model(unflatten(list(xs), in_structure), training=False),
         probe,

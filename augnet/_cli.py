@@ -589,7 +589,8 @@ def differentiability_report(model) -> dict[str, Any]:
         ``None`` when no problem was found but the gradient check could not run (see ``notes``).
     """
     import numpy as np
-    import tensorflow as tf
+
+    from augnet import _backend
 
     problems: list[str] = []
     notes: list[str] = []
@@ -618,30 +619,21 @@ def differentiability_report(model) -> dict[str, Any]:
             probe = keras.Model(inputs=model.inputs, outputs=probe_tensors)
             rng = np.random.default_rng(0)
             xs = [
-                tf.constant(
-                    rng.standard_normal((1, *[d or 8 for d in t.shape[1:]])),
-                    dtype=str(t.dtype),
+                _backend.convert(
+                    rng.standard_normal((1, *[d or 8 for d in t.shape[1:]])), str(t.dtype)
                 )
                 for t in inputs
             ]
-            with tf.GradientTape(persistent=True) as tape:
-                for x in xs:
-                    tape.watch(x)
+
+            def run(xs):
                 values = probe(xs if len(xs) > 1 else xs[0], training=False)
-                values = values if isinstance(values, list | tuple) else [values]
-                sums = [
-                    tf.reduce_sum(tf.cast(v, tf.float32)) if v.dtype.is_floating else None
-                    for v in values
-                ]
+                return list(values) if isinstance(values, list | tuple) else [values]
+
+            _, flags = _backend.connected_outputs(run, xs)  # per probe tensor: a gradient path?
             connected: dict[int, bool] = {id(t): True for t in inputs}
-            for t, s in zip(probe_tensors, sums, strict=True):
-                if id(t) in connected:
-                    continue
-                if s is None:
-                    connected[id(t)] = False
-                    continue
-                grads = tape.gradient(s, xs)
-                connected[id(t)] = any(g is not None for g in grads)
+            for t, flag in zip(probe_tensors, flags, strict=True):
+                if id(t) not in connected:
+                    connected[id(t)] = flag
             reported = set()
             for (layer, node), t in zip(owners, probe_tensors, strict=True):
                 if connected.get(id(t), True) or layer.name in reported:
@@ -858,23 +850,9 @@ def resolve_strategy(model, x, *, outputs, top_k, max_memory) -> str:
     """
     from augnet import _engine
 
-    try:
-        run = _engine._setup(
-            model,
-            x,
-            outputs=outputs,
-            top_k=top_k,
-            training=False,
-            strategy="auto",
-            batch_size=None,
-            chunk_size=None,
-            max_memory=max_memory,
-            jit_compile=False,
-        )
-        return "loop_xla" if run.strategy == "loop" and run.jit_compile else str(run.strategy)
-    except (AttributeError, TypeError) as exc:  # the engine's internals changed
-        logger.debug("could not resolve strategy='auto' (%s); using 'loop'", exc)
-        return "loop"
+    return _engine.resolve_strategy(
+        model, x, outputs=outputs, top_k=top_k, strategy="auto", max_memory=max_memory
+    )
 
 
 class Job:

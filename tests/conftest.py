@@ -1,14 +1,28 @@
 """Shared fixtures for the Jacobian tests: seeds, a small model zoo, and independent references.
 
-The references never call augnet:
+The references never call augnet. Each is the backend's own plain per-output gradient loop (samples
+are independent in inference mode, so row ``j`` of sample ``i`` is the gradient of output ``j``
+summed over the batch, taken at sample ``i``):
 
-- :func:`tape_loop_jacobian`: one forward pass under a plain ``tf.GradientTape``, then one
-  ``tape.gradient`` per output element with a one-hot ``output_gradients`` (samples are
-  independent in inference mode, so row ``j`` of sample ``i`` is the gradient at sample ``i``).
-- :func:`central_fd_jacobian`: float64 central finite differences.
+- :func:`reference_jacobian` (alias :func:`tape_loop_jacobian`): on TensorFlow one forward pass
+  under a plain ``tf.GradientTape``, then one ``tape.gradient`` per output element with a one-hot
+  ``output_gradients``; on JAX one ``jax.grad`` of one output per element, through
+  ``model.stateless_call``; on torch one forward pass, then one ``torch.autograd.grad`` per
+  output element.
+- :func:`reference_cross_jacobian`: the full ``(batch, m, batch, n)`` Jacobian across samples
+  (``tape.jacobian`` / ``jax.jacrev`` / ``torch.autograd.functional.jacobian``), for the
+  training-mode BatchNorm tests where samples are coupled.
+- :func:`reference_weight_gradients`: gradients of a scalar function of the model's output with
+  respect to its trainable weights.
+- :func:`central_fd_jacobian`: float64 central finite differences (NumPy).
 
-Keras and TensorFlow are imported inside the helpers, so that test files that need neither (the
-renderer's, say) do not pay for importing them.
+Tests TensorFlow-specific by nature (``tf.function``, pfor, XLA, routed max pooling, SavedModel)
+are marked ``@pytest.mark.tensorflow_only`` and skipped on the other backends; they take the
+``tf`` fixture instead of importing TensorFlow at module level. Everything else is written with
+``keras.ops`` and NumPy and runs on every backend (see tests/test_backends.py).
+
+Keras and the frameworks are imported inside the helpers, so that test files that need neither
+(the renderer's, say) do not pay for importing them.
 """
 
 from __future__ import annotations
@@ -28,6 +42,45 @@ TOL = {
     "float32": {"rtol": 1e-5, "atol": 1e-5},
     "float64": {"rtol": 1e-10, "atol": 1e-10},
 }
+
+
+def backend() -> str:
+    """The Keras backend this test run uses (``KERAS_BACKEND``)."""
+    import keras
+
+    return keras.backend.backend()
+
+
+def pytest_collection_modifyitems(config, items):
+    """Skips ``tensorflow_only`` tests on the other backends."""
+    marked = [item for item in items if item.get_closest_marker("tensorflow_only")]
+    if not marked or backend() == "tensorflow":
+        return
+    skip = pytest.mark.skip(reason=f"TensorFlow-specific; Keras runs on {backend()!r}")
+    for item in marked:
+        item.add_marker(skip)
+
+
+@pytest.fixture
+def tf():
+    """TensorFlow, for tests marked ``tensorflow_only`` (imported only when they run)."""
+    import tensorflow
+
+    return tensorflow
+
+
+def to_numpy(value):
+    """A backend tensor (or anything array-like) as a NumPy array; lists/dicts of them as lists/
+    dicts of arrays."""
+    import keras
+
+    return keras.tree.map_structure(keras.ops.convert_to_numpy, value)
+
+
+def predict(model, x):
+    """``model(x, training=False)`` as NumPy (called directly: ``predict()`` would pass float64
+    inputs through float32)."""
+    return to_numpy(model(x, training=False))
 
 
 @pytest.fixture(autouse=True)
@@ -85,8 +138,8 @@ def _flatten(value):
 # --------------------------------------------------------------------------------------------------
 
 
-def tape_loop_jacobian(model, x, *, training=False):
-    """Per-sample Jacobian by a plain per-output GradientTape loop, as NumPy.
+def reference_jacobian(model, x, *, training=False):
+    """Per-sample Jacobian by the backend's plain per-output gradient loop, as NumPy.
 
     Args:
         model: a Keras model (called as ``model(x, training=training)``) or a callable.
@@ -96,37 +149,193 @@ def tape_loop_jacobian(model, x, *, training=False):
         ``(batch, *output_shape, *input_shape)``; ``J[out][in]`` (outputs outer, inputs inner,
         each in the structure the model returns / the caller gave) for several of them.
     """
+    loop = {"tensorflow": _tf_loop, "jax": _jax_loop, "torch": _torch_loop}[backend()]
+    leaves, rebuild_in = _flatten(x)
+    rows, ys = loop(model, leaves, rebuild_in, training)  # rows[o][j][i]: (batch, *in_shape_i)
+    per_output = []
+    for yo_shape, out_rows in zip(ys, rows):
+        batch, out_shape = yo_shape[0], tuple(yo_shape[1:])
+        inner = [
+            np.stack([r[i] for r in out_rows], axis=1).reshape(
+                batch, *out_shape, *np.shape(leaves[i])[1:]
+            )
+            for i in range(len(leaves))
+        ]
+        per_output.append(rebuild_in(inner))
+    return ys.rebuild(per_output)
+
+
+tape_loop_jacobian = reference_jacobian  # its name when TensorFlow was the only backend
+
+
+class _Outputs(list):
+    """The output shapes, and how to rebuild the model's output structure."""
+
+    def __init__(self, ys):
+        leaves, self.rebuild = _flatten(ys)
+        super().__init__(tuple(int(d) for d in y.shape) for y in leaves)
+
+
+def _m(shape) -> int:
+    return int(np.prod(shape[1:], dtype=np.int64))
+
+
+def _call(model, xs, training):
     import keras
+
+    if isinstance(model, keras.layers.Layer):
+        return model(xs, training=training)
+    return model(xs)
+
+
+def _tf_loop(model, leaves, rebuild_in, training):
     import tensorflow as tf
 
-    leaves, rebuild_in = _flatten(x)
     xs = [tf.convert_to_tensor(v) for v in leaves]
     with tf.GradientTape(persistent=True) as tape:
         for t in xs:
             tape.watch(t)
-        if isinstance(model, keras.layers.Layer):
-            y = model(rebuild_in(xs), training=training)
-        else:
-            y = model(rebuild_in(xs))
-    ys, rebuild_out = _flatten(y)
-    per_output = []
-    for yo in ys:
-        batch, out_shape = int(yo.shape[0]), tuple(yo.shape[1:])
-        m = int(np.prod(out_shape, dtype=np.int64))
-        rows = [[] for _ in xs]
-        for j in range(m):
-            seed = tf.reshape(tf.one_hot(tf.fill([batch], j), m, dtype=yo.dtype), yo.shape)
+        y = _call(model, rebuild_in(xs), training)
+    ys = _Outputs(y)
+    rows = []
+    for yo in _flatten(y)[0]:
+        batch = int(yo.shape[0])
+        out_rows = []
+        for j in range(_m(yo.shape)):
+            seed = tf.reshape(
+                tf.one_hot(tf.fill([batch], j), _m(yo.shape), dtype=yo.dtype), yo.shape
+            )
             grads = tape.gradient(
                 yo, xs, output_gradients=seed, unconnected_gradients=tf.UnconnectedGradients.ZERO
             )
-            for i, g in enumerate(grads):
-                rows[i].append(g.numpy())
-        inner = [
-            np.stack(r, axis=1).reshape(batch, *out_shape, *t.shape[1:]) for r, t in zip(rows, xs)
-        ]
-        per_output.append(rebuild_in(inner))
+            out_rows.append([g.numpy() for g in grads])
+        rows.append(out_rows)
     del tape
-    return rebuild_out(per_output)
+    return rows, ys
+
+
+def _jax_loop(model, leaves, rebuild_in, training):
+    import jax
+    import jax.numpy as jnp
+    import keras
+
+    xs = [jnp.asarray(v) for v in leaves]
+    if isinstance(model, keras.layers.Layer):
+        trainable = [v.value for v in model.trainable_variables]
+        non_trainable = [v.value for v in model.non_trainable_variables]
+
+        def f(xs):
+            return model.stateless_call(
+                trainable, non_trainable, rebuild_in(xs), training=training
+            )[0]
+
+    else:
+
+        def f(xs):
+            return model(rebuild_in(xs))
+
+    y = f(xs)
+    ys = _Outputs(y)
+    rows = []
+    for o, shape in enumerate(ys):
+        out_rows = []
+        for j in range(_m(shape)):
+
+            def one_output(xs, o=o, j=j):  # output j of every sample, summed over the batch
+                yo = _flatten(f(xs))[0][o]
+                return jnp.sum(jnp.reshape(yo, (yo.shape[0], -1))[:, j])
+
+            out_rows.append([np.asarray(g) for g in jax.grad(one_output)(xs)])
+        rows.append(out_rows)
+    return rows, ys
+
+
+def _torch_loop(model, leaves, rebuild_in, training):
+    import torch
+
+    xs = [torch.tensor(np.asarray(v)).requires_grad_(True) for v in leaves]
+    y = _call(model, rebuild_in(xs), training)
+    ys = _Outputs(y)
+    rows = []
+    for yo in _flatten(y)[0]:
+        flat = yo.reshape(yo.shape[0], -1)
+        out_rows = []
+        for j in range(flat.shape[1]):
+            grads = torch.autograd.grad(flat[:, j].sum(), xs, retain_graph=True, allow_unused=True)
+            out_rows.append(
+                [
+                    np.zeros(x.shape, dtype=np.asarray(v).dtype)
+                    if g is None
+                    else g.detach().cpu().numpy()
+                    for g, x, v in zip(grads, xs, leaves)
+                ]
+            )
+        rows.append(out_rows)
+    return rows, ys
+
+
+def reference_cross_jacobian(model, x, *, training=False):
+    """The full Jacobian across samples, ``(batch, m, batch, n)``: ``[b, :, i]`` is
+    ``∂y_b/∂x_i`` (one input, one output; by the backend's own full-Jacobian routine)."""
+    name = backend()
+    if name == "tensorflow":
+        import tensorflow as tf
+
+        xt = tf.convert_to_tensor(x)
+        with tf.GradientTape() as tape:
+            tape.watch(xt)
+            y = model(xt, training=training)
+        full = tape.jacobian(y, xt).numpy()
+    elif name == "jax":
+        import jax
+        import jax.numpy as jnp
+
+        trainable = [v.value for v in model.trainable_variables]
+        non_trainable = [v.value for v in model.non_trainable_variables]
+
+        def f(v):
+            return model.stateless_call(trainable, non_trainable, v, training=training)[0]
+
+        full = np.asarray(jax.jacrev(f)(jnp.asarray(x)))
+    else:
+        import torch
+
+        def f(v):
+            return model(v, training=training)
+
+        full = torch.autograd.functional.jacobian(f, torch.tensor(np.asarray(x))).numpy()
+    batch = np.shape(x)[0]
+    return full.reshape(batch, -1, batch, *np.shape(x)[1:])
+
+
+def reference_weight_gradients(model, x, scalar):
+    """Gradients of ``scalar(model(x, training=False))`` (a scalar function of the output, written
+    with ``keras.ops``) with respect to ``model.trainable_weights``, as NumPy, in their order."""
+    name = backend()
+    weights = list(model.trainable_weights)
+    if name == "tensorflow":
+        import tensorflow as tf
+
+        with tf.GradientTape() as tape:
+            value = scalar(model(x, training=False))
+        return [g.numpy() for g in tape.gradient(value, weights)]
+    if name == "jax":
+        import jax
+
+        non_trainable = [v.value for v in model.non_trainable_variables]
+
+        def f(trainable):
+            return scalar(model.stateless_call(trainable, non_trainable, x, training=False)[0])
+
+        return [np.asarray(g) for g in jax.grad(f)([v.value for v in model.trainable_variables])]
+    import torch
+
+    value = scalar(model(x, training=False))
+    grads = torch.autograd.grad(value, [w.value for w in weights], allow_unused=True)
+    return [
+        np.zeros(tuple(w.shape)) if g is None else g.detach().cpu().numpy()
+        for g, w in zip(grads, weights)
+    ]
 
 
 def central_fd_jacobian(f, x, eps=1e-5):

@@ -8,7 +8,7 @@ import shutil
 import keras
 import numpy as np
 import pytest
-import tensorflow as tf
+from conftest import to_numpy
 
 import augnet
 
@@ -35,23 +35,23 @@ def test_seed_as_input(model, data):
     x, u, J = data
     bm = augnet.backward_model(model)
     assert [t.shape for t in bm.inputs] == [(None, 3), (None, 2)]
-    np.testing.assert_allclose(np.asarray(bm([x, u])), np.einsum("bo,boi->bi", u, J), **TOL)
+    np.testing.assert_allclose(to_numpy(bm([x, u])), np.einsum("bo,boi->bi", u, J), **TOL)
 
 
 def test_fixed_seed(model, data):
     x, _, J = data
     seed = np.array([2.0, -1.0])
     bm = augnet.backward_model(model, gradient=seed)
-    np.testing.assert_allclose(np.asarray(bm(x)), np.einsum("o,boi->bi", seed, J), **TOL)
+    np.testing.assert_allclose(to_numpy(bm(x)), np.einsum("o,boi->bi", seed, J), **TOL)
     bm1 = augnet.backward_model(model, gradient=seed[None])  # (1, *output_shape) is accepted
-    np.testing.assert_allclose(np.asarray(bm1(x)), np.asarray(bm(x)), **TOL)
+    np.testing.assert_allclose(to_numpy(bm1(x)), to_numpy(bm(x)), **TOL)
 
 
 def test_full_jacobian(model, data):
     x, _, J = data
     bm = augnet.backward_model(model, jacobian=True)
     assert bm.output.shape == (None, 2, 3)
-    np.testing.assert_allclose(np.asarray(bm(x)), J, **TOL)
+    np.testing.assert_allclose(to_numpy(bm(x)), J, **TOL)
 
 
 def test_augnet_method_and_summary(model, data, capsys):
@@ -60,7 +60,7 @@ def test_augnet_method_and_summary(model, data, capsys):
     bm.summary()
     text = capsys.readouterr().out
     assert "VJPLayer" in text and "(None, 3)" in text
-    np.testing.assert_allclose(np.asarray(bm(x)), J.sum(axis=1), **TOL)
+    np.testing.assert_allclose(to_numpy(bm(x)), J.sum(axis=1), **TOL)
 
 
 @pytest.mark.skipif(
@@ -73,26 +73,48 @@ def test_plot_model(model, tmp_path):
     assert path.stat().st_size > 0
 
 
-@pytest.mark.parametrize("kind", ["seed_input", "fixed", "jacobian"])
-def test_save_load_and_export(model, data, tmp_path, kind):
+def _backward_of_kind(model, data, kind):
     x, u, _ = data
     if kind == "seed_input":
-        bm, args = augnet.backward_model(model), [x, u]
-    elif kind == "fixed":
-        bm, args = augnet.backward_model(model, gradient=np.array([1.0, 3.0])), x
-    else:
-        bm, args = augnet.backward_model(model, jacobian=True), x
-    expected = np.asarray(bm(args))
+        return augnet.backward_model(model), [x, u]
+    if kind == "fixed":
+        return augnet.backward_model(model, gradient=np.array([1.0, 3.0])), x
+    return augnet.backward_model(model, jacobian=True), x
+
+
+@pytest.mark.parametrize("kind", ["seed_input", "fixed", "jacobian"])
+def test_save_and_load(model, data, tmp_path, kind):
+    bm, args = _backward_of_kind(model, data, kind)
+    expected = to_numpy(bm(args))
     path = tmp_path / "backward.keras"
     bm.save(path)
     loaded = keras.models.load_model(path)
-    np.testing.assert_array_equal(np.asarray(loaded(args)), expected)
+    np.testing.assert_array_equal(to_numpy(loaded(args)), expected)
     loaded_aug = augnet.load_model(path)  # as an AugNet too
-    np.testing.assert_array_equal(np.asarray(loaded_aug(args)), expected)
+    np.testing.assert_array_equal(to_numpy(loaded_aug(args)), expected)
+
+
+@pytest.mark.tensorflow_only
+@pytest.mark.parametrize("kind", ["seed_input", "fixed", "jacobian"])
+def test_export_to_a_savedmodel(model, data, tmp_path, kind, tf):
+    x, u, _ = data
+    bm, args = _backward_of_kind(model, data, kind)
+    expected = to_numpy(bm(args))
     bm.export(str(tmp_path / "served"), verbose=False)
     served = tf.saved_model.load(str(tmp_path / "served"))
     out = served.serve([tf.constant(x), tf.constant(u)] if kind == "seed_input" else tf.constant(x))
     np.testing.assert_allclose(out.numpy(), expected, **TOL)
+
+
+def test_predict_on_batch_is_compiled_and_matches(model, data):
+    """Keras compiles the backward model's predict step (the layers compute through the seam
+    inside it): predict_on_batch gives the same numbers as a direct call."""
+    x, u, J = data
+    bm = augnet.backward_model(model)
+    np.testing.assert_allclose(bm.predict_on_batch([x, u]), np.einsum("bo,boi->bi", u, J), **TOL)
+    np.testing.assert_allclose(
+        bm.predict_on_batch([x[:2], u[:2]]), to_numpy(bm([x[:2], u[:2]])), **TOL
+    )
 
 
 def test_multi_input_output_fixed_seed():
@@ -103,7 +125,7 @@ def test_multi_input_output_fixed_seed():
     x = [np.ones((2, 2), "float32"), np.full((2, 3), 0.5, "float32")]
     seeds = [np.array([1.0, 2.0]), np.array([3.0])]
     bm = augnet.backward_model(model, gradient=seeds)
-    ga, gb = (np.asarray(t) for t in bm(x))
+    ga, gb = (to_numpy(t) for t in bm(x))
     ref = augnet.vjp(model, x, [np.tile(s, (2, 1)).astype("float32") for s in seeds])
     np.testing.assert_allclose(ga, ref[0], **TOL)
     np.testing.assert_allclose(gb, ref[1], **TOL)

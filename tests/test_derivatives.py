@@ -1,13 +1,20 @@
-"""Custom derivative rules and the error for layers with no gradient path."""
+"""Custom derivative rules and the error for layers with no gradient path.
+
+The layers without a gradient path are written with ``keras.ops`` (``round``, ``floor``,
+``stop_gradient``), so that the tests run on every backend; the realistic TensorFlow case, a layer
+computed by NumPy through ``tf.numpy_function``, is tested on TensorFlow at the end.
+"""
 
 from __future__ import annotations
 
 import keras
 import numpy as np
 import pytest
-import tensorflow as tf
+from conftest import backend, to_numpy
 
 import augnet
+
+ops = keras.ops
 
 TOL64 = {"rtol": 1e-10, "atol": 1e-12}
 F64 = "float64"
@@ -22,41 +29,45 @@ class F64Layer(keras.layers.Layer):
 
 
 class Round(F64Layer):
-    """Rounding: tf.round has no registered gradient (None)."""
+    """Rounding: no gradient path (TensorFlow has no gradient for round: None)."""
 
     def call(self, x):
-        return tf.round(x)
+        return ops.round(x)
 
 
 class NumpyClip(F64Layer):
-    """Clip computed by NumPy: tf.numpy_function has no gradient."""
+    """A clip whose gradient path is cut (as if computed outside the framework, by NumPy)."""
 
     def __init__(self, vmin=-0.5, vmax=0.5, **kwargs):
         super().__init__(**kwargs)
         self.vmin, self.vmax = vmin, vmax
 
     def call(self, x):
-        y = tf.numpy_function(lambda a: np.clip(a, self.vmin, self.vmax), [x], x.dtype)
-        return tf.ensure_shape(y, x.shape)
+        return ops.clip(ops.stop_gradient(x), self.vmin, self.vmax)
 
 
 class NumpyPlus(F64Layer):
+    """``x + 5`` without a gradient path."""
+
     def call(self, x):
-        return tf.ensure_shape(tf.numpy_function(lambda a: a + 5.0, [x], x.dtype), x.shape)
+        return ops.stop_gradient(x) + 5.0
 
 
 class NumpyLinear(F64Layer):
-    """x @ W computed by NumPy: a linear layer without gradient (input-independent rule)."""
+    """x @ W without a gradient path: a linear layer for an input-independent rule."""
 
     W = np.array([[1.0, -2.0, 0.5], [3.0, 0.0, -1.0]])  # (in=2, out=3)
 
     def call(self, x):
-        y = tf.numpy_function(lambda a: a @ self.W, [x], x.dtype)
-        return tf.ensure_shape(y, (x.shape[0], 3))
+        return ops.matmul(ops.stop_gradient(x), ops.convert_to_tensor(self.W, x.dtype))
+
+    def compute_output_shape(self, input_shape):
+        return (input_shape[0], 3)
 
 
 def clip_rule(inputs, outputs, layer):
-    return tf.cast((inputs >= layer.vmin) & (inputs <= layer.vmax), inputs.dtype)
+    inside = ops.logical_and(inputs >= layer.vmin, inputs <= layer.vmax)
+    return ops.cast(inside, inputs.dtype)
 
 
 def _sandwich(middle, n_in=3, width=4):
@@ -103,9 +114,7 @@ def test_straight_through_rule_equals_identity(strategy):
 def test_plus_constant_rule_matches_autodiff():
     ruled = _sandwich(NumpyPlus())
     reference = _sandwich(augnet.PlusConstant(5.0, dtype=F64))
-    np.testing.assert_allclose(
-        np.asarray(ruled(X)), np.asarray(reference(X)), **TOL64
-    )  # same function
+    np.testing.assert_allclose(to_numpy(ruled(X)), to_numpy(reference(X)), **TOL64)  # same function
     J = _loop(ruled, X, derivatives={NumpyPlus: 1.0})
     np.testing.assert_allclose(J, _loop(reference, X), **TOL64)
 
@@ -113,7 +122,7 @@ def test_plus_constant_rule_matches_autodiff():
 def test_clip_rule_matches_autodiff_inside_and_outside():
     ruled = _sandwich(NumpyClip(-0.5, 0.5))
     reference = _sandwich(augnet.Clip(-0.5, 0.5, dtype=F64))
-    h = np.asarray(ruled.get_layer("d1")(X))
+    h = to_numpy(ruled.get_layer("d1")(X))
     assert (np.abs(h) > 0.5).any() and (np.abs(h) < 0.5).any()  # both regimes are exercised
     J = _loop(ruled, X, derivatives={NumpyClip: clip_rule})
     np.testing.assert_allclose(J, _loop(reference, X), **TOL64)
@@ -145,17 +154,17 @@ def test_registered_rule_decorator_and_priority():
 def test_subclasses_inherit_rules():
     class Floor(Round):
         def call(self, x):
-            return tf.floor(x)
+            return ops.floor(x)
 
     J = _loop(_sandwich(Floor()), X, derivatives={Round: 1.0})
     np.testing.assert_allclose(J, _loop(_sandwich(keras.layers.Identity(dtype=F64)), X), **TOL64)
 
 
 def test_vjp_function_rule_for_a_linear_layer():
-    W = tf.constant(NumpyLinear.W)
+    W = ops.convert_to_tensor(NumpyLinear.W)
 
     def linear_rule(inputs, outputs):  # input-independent: the cotangent times Wᵀ
-        return lambda g: tf.matmul(g, W, transpose_b=True)
+        return lambda g: ops.matmul(g, ops.transpose(ops.cast(W, g.dtype)))
 
     model = keras.Sequential([keras.Input((2,), dtype=F64), NumpyLinear()])
     x = np.random.default_rng(1).normal(size=(3, 2))
@@ -176,9 +185,9 @@ def test_rules_in_vjp_jvp_and_backward_model(tmp_path):
         augnet.jvp(model, X, v, derivatives=rules), np.einsum("boi,bi->bo", J, v), **TOL64
     )
     bm = augnet.backward_model(model, derivatives=rules)
-    np.testing.assert_allclose(np.asarray(bm([X, u])), np.einsum("bo,boi->bi", u, J), **TOL64)
+    np.testing.assert_allclose(to_numpy(bm([X, u])), np.einsum("bo,boi->bi", u, J), **TOL64)
     bj = augnet.backward_model(model, jacobian=True, derivatives=rules)
-    np.testing.assert_allclose(np.asarray(bj(X)), J, **TOL64)
+    np.testing.assert_allclose(to_numpy(bj(X)), J, **TOL64)
 
 
 def test_backward_model_with_registered_rule_round_trips(tmp_path):
@@ -187,10 +196,10 @@ def test_backward_model_with_registered_rule_round_trips(tmp_path):
     augnet.register_derivative(Round, 1.0)
     try:
         bm = augnet.backward_model(model, gradient=np.ones(2))
-        expected = np.asarray(bm(X))
+        expected = to_numpy(bm(X))
         bm.save(tmp_path / "b.keras")
         loaded = keras.models.load_model(tmp_path / "b.keras", custom_objects={"Round": Round})
-        np.testing.assert_array_equal(np.asarray(loaded(X)), expected)
+        np.testing.assert_array_equal(to_numpy(loaded(X)), expected)
     finally:
         augnet.unregister_derivative(Round)
         keras.saving.get_custom_objects().pop("test>Round", None)
@@ -208,7 +217,7 @@ def test_ordinary_zero_dependence_is_not_an_error():
 def test_intentional_stop_gradient_with_zero_rule():
     class Frozen(F64Layer):
         def call(self, x):
-            return tf.stop_gradient(x)
+            return ops.stop_gradient(x)
 
     model = _sandwich(Frozen())
     with pytest.raises(augnet.GradientPathError, match="Frozen"):
@@ -230,9 +239,11 @@ def test_rule_with_wrong_shape():
     def wrong(inputs, outputs):
         return lambda g: g[:, :1]
 
+    # The batch axis is unknown (None) while TensorFlow traces; other backends trace concrete shapes.
+    batch = "None" if backend() == "tensorflow" else r"\d+"
     with pytest.raises(
         ValueError,
-        match=r"rule of Round .* cotangent of shape \(None, 1\) for an input of shape \(None, 4\)",
+        match=rf"rule of Round .* cotangent of shape \({batch}, 1\) for an input of shape \({batch}, 4\)",
     ):
         _loop(_sandwich(Round()), X, derivatives={Round: wrong})
 
@@ -254,3 +265,31 @@ def test_bad_derivatives_argument(derivatives, match):
 def test_register_derivative_rejects_non_layer():
     with pytest.raises(TypeError, match=r"`layer_class` must be a keras.layers.Layer subclass"):
         augnet.register_derivative(int)(1.0)
+
+
+# --------------------------------------------------------------------------------------------------
+# TensorFlow: a layer computed by NumPy (tf.numpy_function has no gradient)
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.tensorflow_only
+def test_numpy_function_layer_needs_a_rule_and_takes_one(tf):
+    class TFNumpyClip(F64Layer):
+        def __init__(self, vmin=-0.5, vmax=0.5, **kwargs):
+            super().__init__(**kwargs)
+            self.vmin, self.vmax = vmin, vmax
+
+        def call(self, x):
+            y = tf.numpy_function(lambda a: np.clip(a, self.vmin, self.vmax), [x], x.dtype)
+            return tf.ensure_shape(y, x.shape)
+
+    def tf_clip_rule(inputs, outputs, layer):
+        return tf.cast((inputs >= layer.vmin) & (inputs <= layer.vmax), inputs.dtype)
+
+    model = _sandwich(TFNumpyClip(-0.5, 0.5, name="numpy_clip"))
+    with pytest.raises(augnet.GradientPathError, match=r"Layer TFNumpyClip 'numpy_clip'"):
+        _loop(model, X)
+    reference = _loop(_sandwich(augnet.Clip(-0.5, 0.5, dtype=F64)), X)
+    for strategy in ("loop", "pfor", "forward"):
+        J = augnet.jacobian(model, X, derivatives={TFNumpyClip: tf_clip_rule}, strategy=strategy)
+        np.testing.assert_allclose(J, reference, **TOL64)

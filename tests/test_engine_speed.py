@@ -2,7 +2,9 @@
 call of the compiled function, and the tie rule of strategy="auto".
 
 Speed itself is measured in benchmarks/ (never asserted here); these tests pin the results against
-the plain per-output GradientTape loop of conftest.py and the bookkeeping around the shortcuts.
+the plain per-output gradient loop of conftest.py and the bookkeeping around the shortcuts. Routed
+max pooling, the traced function's direct call and auto's measured candidate lists are
+TensorFlow's (marked ``tensorflow_only``).
 """
 
 import gc
@@ -10,10 +12,14 @@ import gc
 import keras
 import numpy as np
 import pytest
-from conftest import TOL, tape_loop_jacobian
+from conftest import TOL, reference_jacobian
 
 import augnet
 from augnet import _backend, _engine
+from augnet._engine import auto, pooling, prepare
+from augnet._engine.run import Run
+from augnet._engine.selection import select
+from augnet._engine.target import cache_for, infer_outputs, prepare_target
 
 F32 = TOL["float32"]
 F64 = TOL["float64"]
@@ -46,6 +52,7 @@ def _tied_input(shape):
 # --------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.tensorflow_only
 @pytest.mark.parametrize(
     "pool_size, strides, padding",
     [
@@ -55,16 +62,17 @@ def _tied_input(shape):
         (3, 1, "same"),  # stride 1: every element in up to 9 windows
     ],
 )
-def test_routed_max_pooling_matches_the_tape_loop(pool_size, strides, padding):
+def test_routed_max_pooling_matches_the_reference_loop(pool_size, strides, padding):
     model = _pool_model(pool_size, strides, padding)
-    assert len(_engine._routable_pools(model)) == 1
+    assert len(pooling.routable_pools(model)) == 1
     x = _tied_input((3, 9, 10, 3))
-    reference = tape_loop_jacobian(model, x)
+    reference = reference_jacobian(model, x)
     np.testing.assert_allclose(augnet.jacobian(model, x, strategy="loop"), reference, **F32)
     # The unrouted strategies agree with it too.
     np.testing.assert_allclose(augnet.jacobian(model, x, strategy="pfor"), reference, **F32)
 
 
+@pytest.mark.tensorflow_only
 def test_routed_max_pooling_is_bit_identical_on_ties():
     """A model of max pooling alone: the Jacobian is 0/1 routing; ties everywhere (a constant
     block, equal values) must pick the same element as TensorFlow's MaxPoolGrad."""
@@ -72,17 +80,18 @@ def test_routed_max_pooling_is_bit_identical_on_ties():
     x = np.zeros((2, 6, 6, 2), "float32")
     x[1] = np.round(RNG.uniform(0, 2, size=(6, 6, 2)))  # values 0, 1, 2: ties in most windows
     J = augnet.jacobian(model, x, strategy="loop")
-    np.testing.assert_array_equal(J, tape_loop_jacobian(model, x))
+    np.testing.assert_array_equal(J, reference_jacobian(model, x))
     assert set(np.unique(J)) == {0.0, 1.0}
     np.testing.assert_array_equal(J.reshape(2, -1, 72).sum(axis=2), 1.0)  # one element per window
 
 
+@pytest.mark.tensorflow_only
 def test_routed_max_pooling_in_float64(float64):
     model = _pool_model(3, 2, "same", name="pooled64")
     x = _tied_input((2, 9, 10, 3)).astype("float64")
     J = augnet.jacobian(model, x, strategy="loop")
     assert J.dtype == np.float64
-    np.testing.assert_allclose(J, tape_loop_jacobian(model, x), **F64)
+    np.testing.assert_allclose(J, reference_jacobian(model, x), **F64)
 
 
 class _OwnPool(L.MaxPooling2D):
@@ -92,6 +101,7 @@ class _OwnPool(L.MaxPooling2D):
         return super().call(inputs) * 2.0
 
 
+@pytest.mark.tensorflow_only
 def test_only_plain_channels_last_max_pooling_2d_is_routed():
     keras.utils.set_random_seed(32)
     inner = keras.Sequential([keras.Input((8, 8, 2)), L.MaxPooling2D(2)], name="inner")
@@ -105,20 +115,21 @@ def test_only_plain_channels_last_max_pooling_2d_is_routed():
         [L.Flatten()(t) for t in (L.MaxPooling2D(2, name="max_of_avg")(b), c, d, e)]
     )
     model = keras.Model(x_in, L.Dense(3)(y))
-    routed = {layer.name for layer in _engine._routable_pools(model)}
+    routed = {layer.name for layer in pooling.routable_pools(model)}
     assert routed == {"max2d", "max_of_avg", inner.layers[0].name}
     x = RNG.uniform(-1, 1, size=(2, 16, 16, 2)).astype("float32")
     np.testing.assert_allclose(
-        augnet.jacobian(model, x, strategy="loop"), tape_loop_jacobian(model, x), **F32
+        augnet.jacobian(model, x, strategy="loop"), reference_jacobian(model, x), **F32
     )
     # Every layer got its own `call` back.
-    assert not any("call" in layer.__dict__ for layer in _engine._routable_pools(model))
-    assert len(_engine._routable_pools(model)) == 3
+    assert not any("call" in layer.__dict__ for layer in pooling.routable_pools(model))
+    assert len(pooling.routable_pools(model)) == 3
 
 
+@pytest.mark.tensorflow_only
 def test_routed_pooling_restores_layers_after_an_error(monkeypatch):
     model = _pool_model(2, None, "valid", name="pooled_error")
-    pool = _engine._routable_pools(model)[0]
+    pool = pooling.routable_pools(model)[0]
 
     def failing_vjp(f, xs):
         assert "call" in pool.__dict__  # routed while the forward pass is traced
@@ -131,18 +142,18 @@ def test_routed_pooling_restores_layers_after_an_error(monkeypatch):
     monkeypatch.undo()
     x = _tied_input((2, 9, 10, 3))
     np.testing.assert_allclose(
-        augnet.jacobian(model, x, strategy="loop"), tape_loop_jacobian(model, x), **F32
+        augnet.jacobian(model, x, strategy="loop"), reference_jacobian(model, x), **F32
     )
 
 
-def test_routed_pooling_is_not_used_under_xla_or_with_derivative_rules():
+@pytest.mark.tensorflow_only
+def test_routed_pooling_is_not_used_under_xla_or_with_derivative_rules(tf):
     model = _pool_model(2, None, "valid", name="pooled_xla")
     x = _tied_input((2, 9, 10, 3))
-    reference = tape_loop_jacobian(model, x)
+    reference = reference_jacobian(model, x)
     np.testing.assert_allclose(augnet.jacobian(model, x, strategy="loop_xla"), reference, **F32)
-    # With a rule active (here Dense's true derivative) the pooling keeps TensorFlow's gradient.
-    import tensorflow as tf
 
+    # With a rule active (here Dense's true derivative) the pooling keeps TensorFlow's gradient.
     def dense_rule(inputs, outputs, layer):
         return lambda g: tf.matmul(g, layer.kernel, transpose_b=True)
 
@@ -164,13 +175,13 @@ def _dense_model(name):
 
 def _count_setups(monkeypatch) -> list:
     calls = []
-    real = _engine._setup
+    real = prepare.setup
 
     def counting(*args, **kwargs):
         calls.append(args[2:])
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(_engine, "_setup", counting)
+    monkeypatch.setattr(prepare, "setup", counting)
     return calls
 
 
@@ -180,19 +191,19 @@ def test_repeated_calls_reuse_the_prepared_call_with_the_new_values(monkeypatch)
     for _ in range(3):  # same shape, new values each time: each result is the new input's
         x = RNG.uniform(-1, 1, size=(5, 4)).astype("float32")
         np.testing.assert_allclose(
-            augnet.jacobian(model, x, strategy="loop"), tape_loop_jacobian(model, x), **F32
+            augnet.jacobian(model, x, strategy="loop"), reference_jacobian(model, x), **F32
         )
     assert len(setups) == 1
-    import tensorflow as tf
-
     x = RNG.uniform(-1, 1, size=(5, 4)).astype("float32")
-    augnet.jacobian(model, tf.constant(x), strategy="loop")  # a tensor: its own entry
+    augnet.jacobian(
+        model, keras.ops.convert_to_tensor(x), strategy="loop"
+    )  # a tensor: its own entry
     augnet.jacobian(model, x[:2], strategy="loop")  # another batch size
     augnet.jacobian(model, x.astype("float64"), strategy="loop")  # another dtype
     augnet.jacobian(model, x, strategy="pfor")  # other options
     assert len(setups) == 5
     got = augnet.jacobian(model, x, outputs=[2, 0], strategy="loop")
-    np.testing.assert_allclose(got, tape_loop_jacobian(model, x)[:, [2, 0]], **F32)
+    np.testing.assert_allclose(got, reference_jacobian(model, x)[:, [2, 0]], **F32)
     augnet.jacobian(model, x, outputs=[2, 0], strategy="loop")
     assert len(setups) == 6
     augnet.jacobian(model, x, outputs=[1], strategy="loop")
@@ -210,11 +221,11 @@ def test_prepared_calls_keep_no_input_and_are_bounded():
     x = RNG.uniform(-1, 1, size=(40, 4)).astype("float32")
     for b in range(1, 40):
         augnet.jacobian(model, x[:b], strategy="loop")
-    plans = _engine._cache_for(model)["plans"]
-    assert len(plans) == _engine._MAX_PLANS
+    plans = cache_for(model)["plans"]
+    assert len(plans) == prepare.MAX_PLANS
     assert all(plan.tensors == [] for plan in plans.values())
     # The most recent shapes are the ones kept.
-    assert {key[1][1][0] for key in plans} == set(range(40 - _engine._MAX_PLANS, 40))
+    assert {key[1][1][0] for key in plans} == set(range(40 - prepare.MAX_PLANS, 40))
 
 
 def test_a_rule_registered_after_a_call_takes_effect():
@@ -265,9 +276,8 @@ def test_inputs_can_be_freed_after_a_call():
 # --------------------------------------------------------------------------------------------------
 
 
-def test_compiled_function_takes_tensors_and_numpy_alike():
-    import tensorflow as tf
-
+@pytest.mark.tensorflow_only
+def test_compiled_function_takes_tensors_and_numpy_alike(tf):
     def block(xs, scale):
         return [xs[0] * tf.cast(scale, xs[0].dtype), xs[0] + 1.0]
 
@@ -280,6 +290,7 @@ def test_compiled_function_takes_tensors_and_numpy_alike():
         np.testing.assert_allclose(out[1].numpy(), x + 1, rtol=1e-6)
     f([np.ones((5, 3), "float32")], np.int32(1))  # another batch size: no retrace
     assert f.experimental_get_tracing_count() == 1
+    assert f.trace_count() == 1
 
 
 # --------------------------------------------------------------------------------------------------
@@ -287,6 +298,7 @@ def test_compiled_function_takes_tensors_and_numpy_alike():
 # --------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.tensorflow_only  # the candidates measured on TensorFlow
 @pytest.mark.parametrize(
     "seconds, chosen",
     [
@@ -298,20 +310,21 @@ def test_compiled_function_takes_tensors_and_numpy_alike():
 def test_auto_leaves_the_loop_only_for_a_clear_win(monkeypatch, seconds, chosen):
     model = _dense_model(f"auto_{chosen}")
     x = RNG.uniform(-1, 1, size=(5, 4)).astype("float32")
-    target, _ = _engine._prepare_target(model, x, False)
+    target, _ = prepare_target(model, x, False)
     assert _engine.auto_candidates(target, 3, False) == ["loop", "pfor", "loop_xla", "forward"]
 
     def probe(runs):
         assert set(runs) == set(seconds)
         return dict(seconds)
 
-    monkeypatch.setattr(_engine, "_probe_estimates", probe)
-    run = _engine._setup(model, x, None, None, False, "auto", None, None, None, False)
+    monkeypatch.setattr(auto, "probe_estimates", probe)
+    run = prepare.setup(model, x, None, None, False, "auto", None, None, None, False)
     got = "loop_xla" if run.strategy == "loop" and run.jit_compile else run.strategy
     assert got == chosen
-    np.testing.assert_allclose(augnet.jacobian(model, x), tape_loop_jacobian(model, x), **F32)
+    np.testing.assert_allclose(augnet.jacobian(model, x), reference_jacobian(model, x), **F32)
 
 
+@pytest.mark.tensorflow_only
 def test_auto_candidates_by_kind_of_network():
     keras.utils.set_random_seed(35)
     dense = _dense_model("kinds_dense")
@@ -320,8 +333,8 @@ def test_auto_candidates_by_kind_of_network():
     tall = keras.Sequential([keras.Input((2,)), L.Dense(16)])
 
     def candidates(model, x, training=False):
-        target, _ = _engine._prepare_target(model, x, training)
-        _engine._infer_outputs(target, [x])
+        target, tensors = prepare_target(model, x, training)
+        infer_outputs(target, tensors)
         return _engine.auto_candidates(target, target.total_outputs, training)
 
     x4, x6, x5, x2 = (np.zeros(s, "float32") for s in ((1, 4), (1, 6, 6, 1), (1, 5, 2), (1, 2)))
@@ -332,6 +345,7 @@ def test_auto_candidates_by_kind_of_network():
     assert candidates(tall, x2) == ["forward"]
 
 
+@pytest.mark.tensorflow_only
 def test_routed_max_pooling_with_training_true():
     """training=True runs the model statelessly; routing applies there too (BatchNorm on the
     pass's batch statistics: the reference is the same per-output tape loop in training mode)."""
@@ -350,22 +364,22 @@ def test_routed_max_pooling_with_training_true():
     moving_mean = model.layers[1].moving_mean.numpy().copy()
     J = augnet.jacobian(model, x, training=True, strategy="loop")
     np.testing.assert_array_equal(model.layers[1].moving_mean.numpy(), moving_mean)  # unchanged
-    np.testing.assert_allclose(J, tape_loop_jacobian(model, x, training=True), **F32)
+    np.testing.assert_allclose(J, reference_jacobian(model, x, training=True), **F32)
 
 
 def test_auto_probe_times_every_candidate_and_extrapolates():
     model = _dense_model("probe_real")
     x = RNG.uniform(-1, 1, size=(6, 4)).astype("float32")
-    target, tensors = _engine._prepare_target(model, x, False)
-    _engine._infer_outputs(target, tensors)
-    selection = _engine._select(target, None, None)
+    target, tensors = prepare_target(model, x, False)
+    infer_outputs(target, tensors)
+    selection = select(target, None, None)
     runs = {
-        "loop": _engine._Run(target, tensors, selection, "loop", 2, 3, False, False),
-        "forward": _engine._Run(target, tensors, selection, "forward", 6, 4, False, False),
+        "loop": Run(target, tensors, selection, "loop", 2, 3, False, False),
+        "forward": Run(target, tensors, selection, "forward", 6, 4, False, False),
     }
-    estimates = _engine._probe_estimates(runs)
+    estimates = auto.probe_estimates(runs)
     assert set(estimates) == {"loop", "forward"}
     assert all(0 < t < 10 for t in estimates.values())
     # A strategy that cannot run is left out rather than failing the call.
-    runs["broken"] = _engine._Run(target, [], selection, "loop", 2, 3, False, False)
-    assert set(_engine._probe_estimates(runs)) == {"loop", "forward"}
+    runs["broken"] = Run(target, [], selection, "loop", 2, 3, False, False)
+    assert set(auto.probe_estimates(runs)) == {"loop", "forward"}

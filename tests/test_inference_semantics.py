@@ -4,8 +4,7 @@ changes a weight, a BatchNorm statistic or a random-seed state, also with ``trai
 import keras
 import numpy as np
 import pytest
-import tensorflow as tf
-from conftest import REVERSE, STRATEGIES, TOL, tape_loop_jacobian
+from conftest import REVERSE, STRATEGIES, TOL, reference_cross_jacobian, reference_jacobian
 
 import augnet
 
@@ -62,12 +61,12 @@ def _assert_unchanged(model, before):
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES)
-def test_default_is_inference_deterministic_and_equals_tape_loop(bn_dropout, strategy):
+def test_default_is_inference_deterministic_and_equals_reference_loop(bn_dropout, strategy):
     model, x = bn_dropout
     first = augnet.jacobian(model, x, strategy=strategy)
     second = augnet.jacobian(model, x, strategy=strategy)
     np.testing.assert_array_equal(first, second)
-    np.testing.assert_allclose(first, tape_loop_jacobian(model, x, training=False), **F32)
+    np.testing.assert_allclose(first, reference_jacobian(model, x, training=False), **F32)
     np.testing.assert_array_equal(model.return_jacobian(x, strategy=strategy), first)
 
 
@@ -97,12 +96,6 @@ def test_model_has_state_that_could_change(bn_dropout):
             lambda m, x: list(augnet.iter_jacobian(m, x, training=True, batch_size=2)),
             id="iter-train",
         ),
-        pytest.param(
-            lambda m, x: tf.function(lambda v: augnet.jacobian(m, v, training=True))(
-                tf.constant(x)
-            ),
-            id="tf.function-train",
-        ),
     ],
 )
 def test_no_variable_changes(bn_dropout, call):
@@ -110,6 +103,26 @@ def test_no_variable_changes(bn_dropout, call):
     before = _snapshot(model)
     result = call(model, x)
     assert result is not None
+    _assert_unchanged(model, before)
+
+
+@pytest.mark.tensorflow_only
+def test_no_variable_changes_inside_tf_function(bn_dropout, tf):
+    model, x = bn_dropout
+    before = _snapshot(model)
+    result = tf.function(lambda v: augnet.jacobian(model, v, training=True))(tf.constant(x))
+    assert result is not None
+    _assert_unchanged(model, before)
+
+
+def test_no_variable_changes_vjp_jvp_and_wrt_training(bn_dropout):
+    model, x = bn_dropout
+    before = _snapshot(model)
+    u = np.ones((len(x), 3), "float32")
+    assert augnet.vjp(model, x, u, training=True).shape == x.shape
+    assert augnet.jvp(model, x, x, training=True).shape == (len(x), 3)
+    dense = next(layer.name for layer in model.layers if isinstance(layer, L.Dense))
+    assert augnet.jacobian(model, x, wrt=dense, training=True).shape == (len(x), 3, 6)
     _assert_unchanged(model, before)
 
 
@@ -136,18 +149,27 @@ def test_training_true_uses_batch_statistics(strategy):
     # The statistics were not updated by any of this...
     np.testing.assert_array_equal(model.layers[1].moving_variance.numpy(), 3.0)
 
-    # ... unlike a plain training-mode call, the reference (which updates them).
-    xt = tf.constant(x)
-    with tf.GradientTape(persistent=True) as tape:
-        tape.watch(xt)
-        y = model(xt, training=True)
-    np.testing.assert_allclose(training, tape.batch_jacobian(y, xt).numpy(), **F32)
-    full = tape.jacobian(y, xt).numpy()  # (batch, m, batch, n): ∂y_b/∂x_i
+    # ... against the full cross-sample Jacobian of the training-mode forward pass:
+    full = reference_cross_jacobian(model, x, training=True)  # (batch, m, batch, n): ∂y_b/∂x_i
     # Sample i's rows are sum_b ∂y_b/∂x_i, not the diagonal block ∂y_i/∂x_i.
     np.testing.assert_allclose(training, full.sum(axis=0).transpose(1, 0, 2), **F32)
     diagonal = np.stack([full[i, :, i] for i in range(len(x))])
     assert np.abs(training - diagonal).max() > 0.1
+    # ... unlike a plain training-mode call, which updates them.
+    model(x, training=True)
     assert not np.array_equal(model.layers[1].moving_variance.numpy(), np.full(4, 3.0))
+
+
+@pytest.mark.tensorflow_only
+def test_training_true_equals_tape_batch_jacobian(tf):
+    model = _bn_model()
+    x = np.random.default_rng(34).uniform(-1, 1, size=(4, 3)).astype("float32")
+    training = augnet.jacobian(model, x, training=True, strategy="loop")
+    xt = tf.constant(x)
+    with tf.GradientTape() as tape:
+        tape.watch(xt)
+        y = model(xt, training=True)
+    np.testing.assert_allclose(training, tape.batch_jacobian(y, xt).numpy(), **F32)
 
 
 def test_training_true_activates_dropout(bn_dropout):

@@ -3,8 +3,7 @@
 import keras
 import numpy as np
 import pytest
-import tensorflow as tf
-from conftest import STRATEGIES, central_fd_jacobian, float64_keras
+from conftest import STRATEGIES, central_fd_jacobian, float64_keras, predict
 
 import augnet
 
@@ -52,7 +51,7 @@ def float64_models():
 
 def _fd(model, x):
     # Call the model directly: predict() would pass float64 data through float32.
-    return central_fd_jacobian(lambda v: model(tf.constant(v), training=False).numpy(), x)
+    return central_fd_jacobian(lambda v: predict(model, v), x)
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES)

@@ -6,7 +6,7 @@ import functools
 import keras
 import numpy as np
 import pytest
-from conftest import STRATEGIES, TOL, tape_loop_jacobian
+from conftest import STRATEGIES, TOL, predict, reference_jacobian
 
 import augnet
 from augnet import _engine
@@ -29,7 +29,7 @@ def grid_model():
 @functools.cache
 def grid_data():
     x = RNG.uniform(-1, 1, size=(5, 5)).astype("float32")
-    return x, tape_loop_jacobian(grid_model(), x)  # (5, 2, 3, 5)
+    return x, reference_jacobian(grid_model(), x)  # (5, 2, 3, 5)
 
 
 @functools.cache
@@ -44,7 +44,7 @@ def classifier():
 @functools.cache
 def classifier_data():
     x = RNG.uniform(-1, 1, size=(4, 4, 4, 1)).astype("float32")
-    return x, tape_loop_jacobian(classifier(), x)  # (4, 7, 4, 4, 1)
+    return x, reference_jacobian(classifier(), x)  # (4, 7, 4, 4, 1)
 
 
 def _flat(J):
@@ -88,7 +88,7 @@ def test_outputs_per_output_of_a_multi_output_model(strategy):
     h = L.Dense(4, activation="tanh")(i)
     model = keras.Model(i, {"p": L.Dense(3)(h), "q": L.Dense(2)(h)})
     x = RNG.uniform(-1, 1, size=(2, 3)).astype("float32")
-    reference = tape_loop_jacobian(model, x)
+    reference = reference_jacobian(model, x)
     J = augnet.jacobian(model, x, outputs={"p": [2, 0]}, strategy=strategy)
     np.testing.assert_allclose(J["p"], reference["p"][:, [2, 0]], **F32)
     np.testing.assert_allclose(J["q"], reference["q"], **F32)  # not named: all of it
@@ -103,7 +103,7 @@ def test_outputs_per_output_of_a_multi_output_model(strategy):
 @pytest.mark.parametrize("k", [1, 3, 7])
 def test_top_k(k, strategy):
     x, reference = classifier_data()
-    predictions = classifier()(x).numpy()
+    predictions = predict(classifier(), x)
     result = augnet.jacobian(classifier(), x, top_k=k, strategy=strategy)
     assert isinstance(result, augnet.TopKJacobian)
     expected_indices = np.argsort(-predictions, axis=1)[:, :k]
@@ -118,7 +118,7 @@ def test_top_k(k, strategy):
 
 def test_top_k_with_small_batches_and_return_jacobian():
     x, reference = classifier_data()
-    predictions = classifier()(x).numpy()
+    predictions = predict(classifier(), x)
     result = augnet.wrap(classifier()).return_jacobian(x, top_k=2, batch_size=1)
     order = np.argsort(-predictions, axis=1)[:, :2]
     np.testing.assert_array_equal(result.indices, order)
@@ -126,11 +126,10 @@ def test_top_k_with_small_batches_and_return_jacobian():
     np.testing.assert_allclose(result.jacobian, rows, **F32)
 
 
-def test_top_k_inside_tf_function():
-    import tensorflow as tf
-
+@pytest.mark.tensorflow_only
+def test_top_k_inside_tf_function(tf):
     x, reference = classifier_data()
-    predictions = classifier()(x).numpy()
+    predictions = predict(classifier(), x)
     result = tf.function(lambda v: augnet.jacobian(classifier(), v, top_k=2))(tf.constant(x))
     order = np.argsort(-predictions, axis=1)[:, :2]
     np.testing.assert_array_equal(result.indices.numpy(), order)
@@ -209,7 +208,7 @@ def test_iter_jacobian_with_top_k_gives_per_sample_indices():
     chunks = list(augnet.iter_jacobian(classifier(), x, top_k=3, batch_size=3, chunk_size=2))
     assert all(c.outputs.shape == (c.values.shape[0], c.values.shape[1]) for c in chunks)
     out, count = _reassemble(chunks, 4, 7, (4, 4, 1))
-    order = np.argsort(-classifier()(x).numpy(), axis=1)[:, :3]
+    order = np.argsort(-predict(classifier(), x), axis=1)[:, :3]
     expected_count = np.zeros((4, 7), dtype=int)
     np.put_along_axis(expected_count, order, 1, axis=1)
     np.testing.assert_array_equal(count, expected_count)
@@ -250,7 +249,7 @@ def test_iter_jacobian_several_inputs():
     a, b = keras.Input((3,), name="a"), keras.Input((2,), name="b")
     model = keras.Model([a, b], L.Dense(4)(L.Concatenate()([a, L.Dense(2, activation="tanh")(b)])))
     x = [RNG.normal(size=(3, 3)).astype("float32"), RNG.normal(size=(3, 2)).astype("float32")]
-    reference = tape_loop_jacobian(model, x)
+    reference = reference_jacobian(model, x)
     got = [np.zeros_like(r) for r in reference]
     for chunk in augnet.iter_jacobian(model, x, batch_size=2, chunk_size=3, strategy="loop"):
         assert isinstance(chunk.values, list) and len(chunk.values) == 2
@@ -295,14 +294,14 @@ def test_jacobian_to_npy_refuses_to_overwrite(tmp_path):
 
 def test_jacobian_to_npy_leaves_no_partial_file_on_failure(tmp_path, monkeypatch):
     x, _ = grid_data()
-    real_blocks = _engine._iter_blocks
+    real_blocks = _engine.run.iter_blocks
 
     def failing_blocks(run):
         blocks = real_blocks(run)
         yield next(blocks)
         raise RuntimeError("interrupted after the first block")
 
-    monkeypatch.setattr(_engine, "_iter_blocks", failing_blocks)
+    monkeypatch.setattr(_engine.run, "iter_blocks", failing_blocks)
     path = tmp_path / "J.npy"
     with pytest.raises(RuntimeError, match="interrupted"):
         augnet.jacobian_to_npy(grid_model(), x, path, batch_size=2)
@@ -412,7 +411,7 @@ def test_parse_memory_rejects(value):
 
 
 @pytest.mark.parametrize("builder", ["grid", "lstm"])
-def test_loop_xla_matches_the_tape_loop(builder):
+def test_loop_xla_matches_the_reference_loop(builder):
     """strategy="loop_xla" (the reverse loop compiled with XLA) gives the same numbers."""
     if builder == "grid":
         model, (x, _) = grid_model(), grid_data()
@@ -420,8 +419,9 @@ def test_loop_xla_matches_the_tape_loop(builder):
         keras.utils.set_random_seed(31)
         model = keras.Sequential([keras.Input((6, 3)), L.LSTM(5), L.Dense(2)])
         x = RNG.normal(size=(3, 6, 3)).astype("float32")
-    reference = tape_loop_jacobian(model, x)
+    reference = reference_jacobian(model, x)
     got = augnet.jacobian(model, x, strategy="loop_xla")
     np.testing.assert_allclose(got, reference, **F32)
-    run = _engine._setup(model, x, None, None, False, "loop_xla", None, None, None, False)
+    run = _engine.prepare.setup(model, x, None, None, False, "loop_xla", None, None, None, False)
     assert (run.strategy, run.jit_compile) == ("loop", True)
+    assert _engine.resolve_strategy(model, x, strategy="loop_xla") == "loop_xla"

@@ -1,13 +1,15 @@
-"""augnet.vjp / augnet.jvp against Jᵀ·u and J·v (augnet's full Jacobian) and a plain tape."""
+"""augnet.vjp / augnet.jvp against Jᵀ·u and J·v (augnet's full Jacobian) and the backend's plain
+per-output gradient loop; compiled once per input signature (no retrace on repeated calls)."""
 
 from __future__ import annotations
 
 import keras
 import numpy as np
 import pytest
-import tensorflow as tf
+from conftest import reference_jacobian
 
 import augnet
+from augnet import _engine
 
 TOL64 = {"rtol": 1e-10, "atol": 1e-12}
 
@@ -30,26 +32,16 @@ def _multi():
     return keras.Model({"a": a, "b": b}, {"o1": out1, "o2": out2})
 
 
-def _tape_vjp(model, x, u):
-    xs = {k: tf.constant(v) for k, v in x.items()} if isinstance(x, dict) else tf.constant(x)
-    with tf.GradientTape() as tape:
-        tape.watch(xs)
-        y = model(xs, training=False)
-    u = {k: tf.constant(v) for k, v in u.items()} if isinstance(u, dict) else tf.constant(u)
-    g = tape.gradient(y, xs, output_gradients=u, unconnected_gradients="zero")
-    return {k: v.numpy() for k, v in g.items()} if isinstance(g, dict) else g.numpy()
+def _reference_vjp(model, x, u):
+    """uᵀ·J per sample from the plain per-output loop's Jacobian (outputs and inputs as dicts or
+    single arrays)."""
+    J = reference_jacobian(model, x)
+    if not isinstance(x, dict):
+        return np.einsum("bo,boi->bi", u, J)
+    return {k: sum(np.einsum("bo,bo...->b...", u[o], J[o][k]) for o in u) for k in x}
 
 
-def _tape_jacobian(model, x):
-    """(batch, m, n) by a plain tape.batch_jacobian (single input, single output)."""
-    xt = tf.constant(x)
-    with tf.GradientTape() as tape:
-        tape.watch(xt)
-        y = model(xt, training=False)
-    return tape.batch_jacobian(y, xt).numpy()
-
-
-def test_vjp_single_against_jacobian_and_tape():
+def test_vjp_single_against_jacobian_and_reference():
     model = _single()
     rng = np.random.default_rng(0)
     x, u = rng.normal(size=(6, 3)), rng.normal(size=(6, 2))
@@ -57,10 +49,10 @@ def test_vjp_single_against_jacobian_and_tape():
     assert g.shape == (6, 3) and g.dtype == np.float64
     J = augnet.jacobian(model, x, strategy="loop")
     np.testing.assert_allclose(g, np.einsum("bo,boi->bi", u, J), **TOL64)
-    np.testing.assert_allclose(g, _tape_vjp(model, x, u), **TOL64)
+    np.testing.assert_allclose(g, _reference_vjp(model, x, u), **TOL64)
 
 
-def test_jvp_single_against_jacobian_and_tape():
+def test_jvp_single_against_jacobian_and_reference():
     model = _single()
     rng = np.random.default_rng(1)
     x, v = rng.normal(size=(6, 3)), rng.normal(size=(6, 3))
@@ -69,7 +61,9 @@ def test_jvp_single_against_jacobian_and_tape():
     np.testing.assert_allclose(
         y_dot, np.einsum("boi,bi->bo", augnet.jacobian(model, x, strategy="loop"), v), **TOL64
     )
-    np.testing.assert_allclose(y_dot, np.einsum("boi,bi->bo", _tape_jacobian(model, x), v), **TOL64)
+    np.testing.assert_allclose(
+        y_dot, np.einsum("boi,bi->bo", reference_jacobian(model, x), v), **TOL64
+    )
 
 
 def test_vjp_jvp_multi_input_output_dicts():
@@ -80,7 +74,7 @@ def test_vjp_jvp_multi_input_output_dicts():
     J = augnet.jacobian(model, x, strategy="loop")  # J[out][in]
     g = augnet.vjp(model, x, u)
     assert set(g) == {"a", "b"} and g["b"].shape == (4, 2, 2)
-    ref = _tape_vjp(model, x, u)
+    ref = _reference_vjp(model, x, u)
     for k in ("a", "b"):
         from_j = sum(np.einsum("bo,bo...->b...", u[o], J[o][k]) for o in ("o1", "o2"))
         np.testing.assert_allclose(g[k], from_j, **TOL64)
@@ -124,3 +118,47 @@ def test_dict_keys_error():
     x = {"a": np.zeros((1, 3)), "b": np.zeros((1, 2, 2))}
     with pytest.raises(ValueError, match=r"`cotangent` has keys \['o1'\]"):
         augnet.vjp(model, x, {"o1": np.zeros((1, 2))})
+
+
+# --------------------------------------------------------------------------------------------------
+# Compiled and cached like the Jacobian
+# --------------------------------------------------------------------------------------------------
+
+
+def test_vjp_and_jvp_compile_once_per_input_signature():
+    keras.utils.set_random_seed(2)
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(4, activation="tanh")])
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(6, 3)).astype("float32")
+    u, v = rng.normal(size=(6, 4)).astype("float32"), rng.normal(size=(6, 3)).astype("float32")
+    J = reference_jacobian(model, x)
+    assert _engine.trace_count(model) == 0
+    g = augnet.vjp(model, x, u)
+    y_dot = augnet.jvp(model, x, v)
+    traced = _engine.trace_count(model)
+    assert traced >= 2  # one vjp and one jvp function
+    for batch in (6, 6, 2, 5):  # repeated calls, new values, other batch sizes: no retrace
+        xb, ub, vb = x[:batch] * 1.5, u[:batch], v[:batch]
+        Jb = reference_jacobian(model, xb)
+        np.testing.assert_allclose(
+            augnet.vjp(model, xb, ub), np.einsum("bo,boi->bi", ub, Jb), rtol=1e-5, atol=1e-6
+        )
+        np.testing.assert_allclose(
+            augnet.jvp(model, xb, vb), np.einsum("boi,bi->bo", Jb, vb), rtol=1e-5, atol=1e-6
+        )
+    assert _engine.trace_count(model) == traced
+    np.testing.assert_allclose(g, np.einsum("bo,boi->bi", u, J), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(y_dot, np.einsum("boi,bi->bo", J, v), rtol=1e-5, atol=1e-6)
+
+
+def test_vjp_sees_weights_changed_after_it_compiled():
+    keras.utils.set_random_seed(4)
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+    x = np.ones((2, 3), "float32")
+    u = np.array([[1.0, 0.0], [0.0, 1.0]], "float32")
+    kernel = np.arange(6, dtype="float32").reshape(3, 2)
+    model.layers[0].kernel.assign(kernel)
+    np.testing.assert_allclose(augnet.vjp(model, x, u), (u @ kernel.T), rtol=1e-6)
+    model.layers[0].kernel.assign(-2 * kernel)  # as fit would
+    np.testing.assert_allclose(augnet.vjp(model, x, u), (u @ (-2 * kernel).T), rtol=1e-6)
+    np.testing.assert_allclose(augnet.jvp(model, x, x), x @ (-2 * kernel), rtol=1e-6)

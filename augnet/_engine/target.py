@@ -1,0 +1,325 @@
+"""The target of a computation: a callable with flat inputs and one flat ``(batch, M)`` output.
+
+:func:`prepare_target` checks the caller's inputs against the callable (a Keras model's symbolic
+inputs when it has them), converts them to tensors of the model's dtype and builds the pure
+function the compiled blocks differentiate: ``target.flat_output(state, xs) -> (b, M)``, the
+model called through the seam (``B.call_model``) with the state ``B.model_state`` read at every
+call. :func:`infer_outputs` learns the output structure and shapes.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from augnet import _backend as B
+from augnet._engine import rules
+from augnet._errors import format_shape, invalid_value
+from augnet._structure import (
+    DICT,
+    SINGLE,
+    Structure,
+    check_against_spec,
+    check_numeric,
+    flatten,
+    unflatten,
+)
+
+_RECURRENT_HINTS = ("LSTM", "GRU", "RNN", "ConvLSTM")
+
+# Per callable (weakly): compiled functions, prepared calls, estimates. Keyed by tuples.
+_CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_CACHE_STRONG: dict = {}  # for callables that cannot be weakly referenced
+
+
+def cache_for(fn) -> dict:
+    """The engine's cache for callable ``fn`` (compiled functions, prepared calls, choices)."""
+    try:
+        return _CACHE.setdefault(fn, {})
+    except TypeError:
+        return _CACHE_STRONG.setdefault(id(fn), {})
+
+
+@dataclass
+class Target:
+    fn: Any
+    call: Callable  # (state, list of input tensors) -> list of output tensors
+    keras: bool  # fn is a Keras layer/model (called through the seam, with a state)
+    in_structure: Structure
+    in_names: list[str]
+    in_shapes: list[tuple]  # per sample
+    dtype: Any
+    out_structure: Structure | None = None
+    out_shapes: list[tuple] = field(default_factory=list)
+    out_dtype: Any = None  # of the flat output (the first output's)
+    act_bytes: int = 0  # estimated activation bytes per sample
+    recurrent: bool = False
+    rules: Any = None  # active derivative rules (augnet._derivatives.rules_key), part of cache keys
+
+    @property
+    def in_sizes(self) -> list[int]:
+        return [int(np.prod(s, dtype=np.int64)) for s in self.in_shapes]
+
+    @property
+    def out_sizes(self) -> list[int]:
+        return [int(np.prod(s, dtype=np.int64)) for s in self.out_shapes]
+
+    @property
+    def total_outputs(self) -> int:
+        return sum(self.out_sizes)
+
+    def state(self):
+        """The model's variable values for one call (``()`` for a plain callable)."""
+        return B.model_state(self.fn) if self.keras else ()
+
+    def flat_output(self, state, xs):
+        """``(b, M)``: every output flattened per sample and concatenated."""
+        outs = self.call(state, xs)
+        flat = [B.flatten_samples(o) for o in outs]
+        if len(flat) > 1:
+            flat = [f if f.dtype == flat[0].dtype else B.convert(f, flat[0].dtype) for f in flat]
+        return B.concat(flat, axis=1)
+
+
+def is_keras_layer(fn) -> bool:
+    try:
+        import keras
+    except ImportError:  # pragma: no cover
+        return False
+    return isinstance(fn, keras.layers.Layer)
+
+
+def symbolic_io(model, which: str):
+    """A Keras model's symbolic inputs or outputs (``which`` is "input" or "output"), keeping
+    their nesting; ``None`` for a model with no functional graph (subclassed, not built)."""
+    try:
+        return getattr(model, which)
+    except (AttributeError, ValueError):
+        pass
+    try:
+        leaves = getattr(model, which + "s")
+    except (AttributeError, ValueError):
+        return None
+    if not leaves:
+        return None
+    return leaves[0] if len(leaves) == 1 else list(leaves)
+
+
+def _model_input_spec(fn):
+    """The model's symbolic inputs as ``(leaves, structure)``, or ``None`` if it has none."""
+    spec = symbolic_io(fn, "input")
+    if spec is None:
+        return None
+    return flatten(spec, "model.input")
+
+
+def make_call(fn, training: bool, model_structure: Structure | None, keras_layer: bool):
+    """Wraps ``fn`` into ``call(state, list_of_tensors) -> list_of_output_tensors``."""
+
+    def to_model_inputs(xs):
+        if model_structure is None:
+            return xs[0] if len(xs) == 1 else list(xs)
+        return unflatten(list(xs), model_structure)
+
+    if keras_layer:
+
+        def call(state, xs):
+            out = B.call_model(fn, state, to_model_inputs(xs), training)
+            return flatten(out, "outputs")[0]
+
+    else:
+
+        def call(state, xs):
+            return flatten(fn(to_model_inputs(xs)), "outputs")[0]
+
+    return call
+
+
+def _estimate_activation_bytes(fn, itemsize: int, fallback: int) -> tuple[int, bool]:
+    """Rough bytes of activations per sample (sum of layer outputs), and whether it is recurrent."""
+    total, recurrent = 0, False
+    layers = getattr(fn, "layers", None)
+    if not layers:
+        return fallback, False
+    stack = list(layers)
+    while stack:
+        layer = stack.pop()
+        name = type(layer).__name__
+        if any(h in name for h in _RECURRENT_HINTS):
+            recurrent = True
+        if getattr(layer, "layers", None):
+            stack.extend(layer.layers)
+        try:
+            outs, _ = flatten(layer.output, "output")
+            for o in outs:
+                total += int(np.prod([d or 1 for d in o.shape[1:]])) * itemsize
+        except Exception:
+            continue
+    return max(total, fallback), recurrent
+
+
+def prepare_target(fn, x, training: bool, derivatives=None) -> tuple[Target, list]:
+    """Checks ``x`` against ``fn`` and converts it; returns the target and the input tensors."""
+    if not callable(fn):
+        raise TypeError(
+            f"`fn` must be a keras.Model or a callable built of TensorFlow ops; received an object "
+            f"of type {type(fn).__name__}."
+        )
+    if not isinstance(training, bool):
+        raise TypeError(invalid_value("training", training, "True or False"))
+    leaves, structure = flatten(x)
+    names = structure.names()
+    for leaf, name in zip(leaves, names):
+        check_numeric(leaf, name)
+
+    keras_layer = is_keras_layer(fn)
+    spec = _model_input_spec(fn) if keras_layer else None
+    model_structure = None
+    dtypes: list = []
+    if spec is not None:
+        spec_leaves, model_structure = spec
+        leaves, names, structure = _match_inputs(leaves, structure, spec_leaves, model_structure)
+        for leaf, name, s in zip(leaves, names, spec_leaves):
+            input_name = getattr(s, "name", None)
+            check_against_spec(leaf, name, s.shape, input_name if len(spec_leaves) > 1 else None)
+            if not B.is_floating(s.dtype):
+                raise TypeError(
+                    f"Model input {input_name!r} (`{name}`) has dtype {s.dtype}: an integer input "
+                    f"(e.g. Embedding indices) is not differentiable, so it has no Jacobian. "
+                    f"Differentiate with respect to a floating input, or with respect to the "
+                    f"embedding's output instead."
+                )
+            dtypes.append(s.dtype)
+    else:
+        for leaf, name in zip(leaves, names):
+            if len(leaf.shape) < 1:
+                raise ValueError(
+                    f"`{name}` is a scalar; expected an array with a batch axis first, "
+                    f"(batch, *input_shape). Use np.reshape({name}, (1, 1)) for one sample."
+                )
+            if int(leaf.shape[0]) == 0:
+                raise ValueError(f"`{name}` has an empty batch: shape {format_shape(leaf.shape)}.")
+            dt = check_numeric(leaf, name)
+            # A Keras model with no functional graph (subclassed) casts its inputs to its compute
+            # dtype: use that, so the Jacobian comes back in it (not in the caller's dtype).
+            model_dtype = getattr(fn, "compute_dtype", None) if keras_layer else None
+            if model_dtype is not None and B.is_floating(model_dtype):
+                dt = np.dtype(B.dtype_name(model_dtype))
+            dtypes.append(dt if dt.kind == "f" else floatx())
+    # One compute dtype for all inputs (the model's), so that the Jacobian comes back in it.
+    dtype = dtypes[0]
+    tensors = [B.convert(leaf, dt) for leaf, dt in zip(leaves, dtypes)]
+    batch = {int(t.shape[0]) for t in tensors if t.shape[0] is not None}
+    if len(batch) > 1:
+        raise ValueError(
+            "All inputs must have the same batch size; received batch sizes "
+            f"{[int(t.shape[0]) for t in tensors]} for {names}."
+        )
+    in_shapes = [tuple(int(d) for d in t.shape[1:]) for t in tensors]
+    call = make_call(fn, training, model_structure, keras_layer)
+    call, rules_key = rules.hook(fn, call, derivatives, tensors, keras_layer)
+    itemsize = np.dtype(B.dtype_name(dtype)).itemsize
+    fallback = 8 * sum(int(np.prod(s)) for s in in_shapes) * itemsize
+    # A model's layers do not change between calls: estimate once per callable and item size.
+    cache = cache_for(fn)
+    key = ("activation_bytes", itemsize, fallback)
+    if key not in cache:
+        cache[key] = _estimate_activation_bytes(fn, itemsize, fallback)
+    act_bytes, recurrent = cache[key]
+    target = Target(
+        fn,
+        call,
+        keras_layer,
+        structure,
+        names,
+        in_shapes,
+        dtype,
+        act_bytes=act_bytes,
+        recurrent=recurrent,
+        rules=rules_key,
+    )
+    return target, tensors
+
+
+def floatx_name() -> str:
+    try:
+        import keras
+
+        return keras.config.floatx()
+    except Exception:  # pragma: no cover
+        return "float32"
+
+
+def floatx():
+    return np.dtype(floatx_name())
+
+
+def _match_inputs(leaves, structure, spec_leaves, model_structure):
+    """Puts the caller's inputs in the order of the model's inputs."""
+    n_model = len(spec_leaves)
+    spec_names = [getattr(s, "name", str(i)) for i, s in enumerate(spec_leaves)]
+    if structure.kind == DICT:
+        if model_structure.kind == DICT:
+            keys = list(model_structure.keys)
+        else:
+            keys = spec_names
+        given = dict(zip(structure.keys, leaves))
+        missing = [k for k in keys if k not in given]
+        extra = [k for k in given if k not in keys]
+        if missing or extra:
+            raise ValueError(
+                f"`x` is a dict with keys {list(given)}, but the model's inputs are {keys}. "
+                f"Missing: {missing}; unexpected: {extra}."
+            )
+        # The leaves now follow the model's order: key the results the same way.
+        return [given[k] for k in keys], [f"x[{k!r}]" for k in keys], Structure(DICT, tuple(keys))
+    if len(leaves) != n_model:
+        kind = "one array" if structure.kind == SINGLE else f"{len(leaves)} arrays"
+        raise ValueError(
+            f"The model has {n_model} input{'s' if n_model != 1 else ''} {spec_names}, but `x` "
+            f"holds {kind}. Pass {'a list (or dict) of ' + str(n_model) + ' arrays' if n_model > 1 else 'one array'}, "
+            "each with a batch axis first."
+        )
+    return leaves, structure.names(), structure
+
+
+def infer_outputs(target: Target, tensors: list) -> None:
+    """Learns the output structure, per-sample shapes and dtype (symbolic outputs, else a probe
+    forward pass on one sample)."""
+    fn = target.fn
+    outs = None
+    if target.keras:
+        try:
+            outs, structure = flatten(symbolic_io(fn, "output"), "model.output")
+            if structure.kind != DICT and len(structure) == 1:
+                # A model built with outputs=[y] (e.g. AugNet(inputs=m.inputs, outputs=m.outputs))
+                # returns y itself when called (Keras unpacks singletons): so does its Jacobian.
+                structure = Structure(SINGLE)
+            shapes = [tuple(o.shape[1:]) for o in outs]
+            if any(d is None for s in shapes for d in s):
+                outs = None
+        except Exception:
+            outs = None
+    if outs is None:
+        probe = [t[:1] for t in tensors]
+        outs = target.call(target.state(), probe)
+        try:
+            real = fn(unflatten(probe, target.in_structure)) if not target.keras else None
+        except Exception:
+            real = None
+        _, structure = flatten(real, "outputs") if real is not None else (None, None)
+        if structure is None:
+            structure = (
+                Structure(SINGLE) if len(outs) == 1 else Structure("list", tuple(range(len(outs))))
+            )
+        shapes = [tuple(int(d) for d in o.shape[1:]) for o in outs]
+    target.out_structure = structure
+    target.out_shapes = [tuple(int(d) for d in s) for s in shapes]
+    out_dtype = getattr(outs[0], "dtype", None) if outs else None
+    if out_dtype is None or not B.is_floating(out_dtype):
+        out_dtype = target.dtype
+    target.out_dtype = np.dtype(B.dtype_name(out_dtype))
