@@ -1,0 +1,166 @@
+"""Every Keras backend, from the one README test command.
+
+``KERAS_BACKEND`` must be set before Keras is imported, so one pytest process runs one backend. This
+module runs the backend-independent numeric suite (:data:`NUMERIC_SUITE`, without the tests marked
+``tensorflow_only``) once per other backend, each in a ``python -m pytest`` subprocess with
+``KERAS_BACKEND`` set, and fails with the tail of its output. A backend is skipped, with the reason,
+while its seam module (``augnet/_backend/<name>.py``) does not exist or its framework is not
+installed. To run the suite on one backend yourself::
+
+    KERAS_BACKEND=jax python -m pytest -q -m "not tensorflow_only" tests/test_backend_seam.py ...
+
+(the file list is :data:`NUMERIC_SUITE`; ``JAX_ENABLE_X64=1`` for JAX, as the suite has float64
+models). It also checks that a backend without a seam module is a clear error, and that nothing
+outside ``augnet/_backend/`` imports a framework for autodiff.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import backend
+
+ROOT = Path(__file__).resolve().parents[1]
+TESTS = ROOT / "tests"
+
+# The numeric suite, written to run on every backend (keras.ops, NumPy, the backend's own
+# reference loops). Add a file here once it runs on every backend.
+NUMERIC_SUITE = [
+    "test_backend_seam.py",
+    "test_jacobian_closed_form.py",
+    "test_jacobian_fd.py",
+    "test_jacobian_zoo.py",
+    "test_jacobian_options.py",
+    "test_engine_speed.py",
+    "test_inference_semantics.py",
+    "test_wrapping.py",
+    "test_errors.py",
+    "test_derivatives.py",
+    "test_vjp_jvp.py",
+    "test_layer_jacobians.py",
+    "test_analysis.py",
+    "test_backward.py",
+]
+FRAMEWORK = {"tensorflow": "tensorflow", "jax": "jax", "torch": "torch"}
+SUBRUN = "AUGNET_TEST_BACKEND_SUBRUN"  # set in the subprocesses: no runs within runs
+TIMEOUT_S = 900  # per backend; the whole README run (all backends) must stay under 20 minutes
+
+
+def _backend_env(name: str) -> dict:
+    env = {**os.environ, "KERAS_BACKEND": name, SUBRUN: "1"}
+    env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    if name == "jax":
+        env.setdefault("JAX_ENABLE_X64", "1")  # float64 models and references need it
+    if name == "torch":
+        # torch's OpenMP threads spin while they wait: on a shared 2-core machine another busy
+        # process makes small ops 100x slower (benchmarks/README.md).
+        env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    return env
+
+
+def _tail(text: str, lines: int = 60) -> str:
+    return "\n".join(text.splitlines()[-lines:])
+
+
+def test_numeric_suite_files_exist():
+    missing = [f for f in NUMERIC_SUITE if not (TESTS / f).exists()]
+    assert not missing, f"NUMERIC_SUITE lists files that do not exist: {missing}"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["tensorflow", "jax", "torch"])
+def test_numeric_suite_on_backend(name):
+    if os.environ.get(SUBRUN):
+        pytest.skip("inside a per-backend run")
+    if name == backend():
+        pytest.skip(f"this run is on {name}: the numeric suite runs in this process")
+    if not (ROOT / "augnet" / "_backend" / f"{name}.py").exists():
+        pytest.skip(f"augnet/_backend/{name}.py does not exist yet: augnet has no {name} backend")
+    if importlib.util.find_spec(FRAMEWORK[name]) is None:
+        pytest.skip(f"{FRAMEWORK[name]} is not installed (pip install -e '.[{name}]')")
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider"]
+    if name != "tensorflow":
+        cmd += ["-m", "not tensorflow_only"]
+    cmd += [f"tests/{f}" for f in NUMERIC_SUITE]
+    t0 = time.perf_counter()
+    try:
+        proc = subprocess.run(
+            cmd,
+            cwd=ROOT,
+            env=_backend_env(name),
+            capture_output=True,
+            text=True,
+            timeout=TIMEOUT_S,
+        )
+    except subprocess.TimeoutExpired as exc:
+        out = exc.stdout or ""
+        out = out.decode(errors="replace") if isinstance(out, bytes) else out
+        pytest.fail(
+            f"The numeric suite on KERAS_BACKEND={name} took more than {TIMEOUT_S} s:\n{_tail(out)}"
+        )
+    seconds = time.perf_counter() - t0
+    summary = _tail(proc.stdout, 1)
+    if proc.returncode != 0:
+        pytest.fail(
+            f"The numeric suite failed on KERAS_BACKEND={name} (exit {proc.returncode}, "
+            f"{seconds:.0f} s). Rerun it with:\n  KERAS_BACKEND={name} {' '.join(cmd[1:])}\n\n"
+            f"{_tail(proc.stdout + proc.stderr)}"
+        )
+    print(f"KERAS_BACKEND={name}: {summary} ({seconds:.0f} s)")
+
+
+@pytest.mark.parametrize("name", ["numpy", "jax", "torch"])
+def test_a_backend_without_a_seam_module_is_a_clear_error(name):
+    if (ROOT / "augnet" / "_backend" / f"{name}.py").exists():
+        pytest.skip(f"augnet has a {name} backend")
+    if name != "numpy" and importlib.util.find_spec(FRAMEWORK[name]) is None:
+        pytest.skip(f"{name} is not installed")
+    code = (
+        "import augnet\n"
+        "assert callable(augnet.render_saliency)  # rendering needs no framework\n"
+        "try:\n"
+        "    augnet.jacobian\n"
+        "except ImportError as exc:\n"
+        "    print(type(exc).__name__, exc)\n"
+        "else:\n"
+        "    raise SystemExit('no error')\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=ROOT,
+        env=_backend_env(name),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, _tail(proc.stdout + proc.stderr)
+    message = proc.stdout.strip().splitlines()[-1]
+    assert message.startswith("UnsupportedBackendError ")
+    assert f"Keras backend {name!r}" in message
+    assert "Supported backends: tensorflow" in message and "KERAS_BACKEND=" in message
+
+
+# Files outside the seam that may import a framework, and why (not for autodiff).
+ALLOWED_FRAMEWORK_IMPORTS = {
+    "augnet/_model.py": "a TensorFlow SavedModel directory is TensorFlow's by nature",
+    "augnet/_cli.py": "imports TensorFlow quietly before Keras, to silence its start-up logs",
+}
+
+
+def test_nothing_outside_the_seam_imports_a_framework():
+    pattern = re.compile(r"^\s*(import|from)\s+(tensorflow|jax|torch)\b", re.MULTILINE)
+    offenders = []
+    for path in sorted((ROOT / "augnet").rglob("*.py")):
+        rel = path.relative_to(ROOT).as_posix()
+        if rel.startswith("augnet/_backend/") or rel in ALLOWED_FRAMEWORK_IMPORTS:
+            continue
+        if pattern.search(path.read_text(encoding="utf-8")):
+            offenders.append(rel)
+    assert not offenders, f"framework imports outside augnet/_backend/: {offenders}"
