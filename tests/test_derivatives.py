@@ -293,3 +293,16 @@ def test_numpy_function_layer_needs_a_rule_and_takes_one(tf):
     for strategy in ("loop", "pfor", "forward"):
         J = augnet.jacobian(model, X, derivatives={TFNumpyClip: tf_clip_rule}, strategy=strategy)
         np.testing.assert_allclose(J, reference, **TOL64)
+
+
+def test_use_derivatives_patches_and_restores_the_layers():
+    model = _sandwich(Round(name="r"))
+    layer = model.get_layer("r")
+    with augnet.use_derivatives(model, {Round: 1.0}) as found:
+        assert list(found) == [layer] and "call" in layer.__dict__
+        np.testing.assert_array_equal(to_numpy(model(X)), to_numpy(_sandwich(Round())(X)))
+    assert "call" not in layer.__dict__
+    with pytest.raises(RuntimeError, match="inside"):
+        with augnet.use_derivatives(model, {Round: 1.0}):
+            raise RuntimeError("inside")
+    assert "call" not in layer.__dict__
