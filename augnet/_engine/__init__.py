@@ -55,6 +55,7 @@ Modules, in the order a call meets them:
 
 from __future__ import annotations
 
+from augnet._engine import prepare, target
 from augnet._engine.api import jacobian
 from augnet._engine.auto import auto_candidates
 from augnet._engine.blocks import trace_count
@@ -66,6 +67,12 @@ from augnet._engine.rules import apply_rules, check_gradient_paths
 from augnet._engine.sensitivity import find_layer
 from augnet._engine.stream import iter_jacobian, jacobian_to_npy
 from augnet._engine.target import cache_for, floatx, is_keras_layer, symbolic_io
+
+# For code written against the single-module engine (branches merged after the split): the names
+# it used, bound to the same functions. New code uses the modules' own names.
+_setup = prepare.setup
+_prepare_target = target.prepare_target
+_infer_outputs = target.infer_outputs
 
 __all__ = [
     "STRATEGIES",
