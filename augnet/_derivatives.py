@@ -13,7 +13,7 @@ A rule is one of:
   called with the layer's input and output tensors ``(batch, ...)``. It returns either
   the elementwise derivative (a tensor broadcastable to the input, e.g. ``1`` inside a clipping
   range and ``0`` outside), or a function ``vjp(upstream) -> input cotangent`` for a layer that is
-  not elementwise (a linear layer: ``lambda g: g @ tf.transpose(W)``). For a layer with several
+  not elementwise (a linear layer: ``lambda g: keras.ops.matmul(g, keras.ops.transpose(W))``). For a layer with several
   inputs, return a list (one entry per input).
 
 This module only holds the rules: it registers them, resolves the rules in force for a call and
@@ -113,7 +113,7 @@ def register_derivative(layer_class: type, rule=None):
         >>> @augnet.register_derivative(Clip)                           # doctest: +SKIP
         ... def clip_derivative(inputs, outputs, layer):
         ...     inside = (inputs >= layer.vmin) & (inputs <= layer.vmax)
-        ...     return tf.cast(inside, inputs.dtype)
+        ...     return keras.ops.cast(inside, inputs.dtype)
     """
     _check_layer_class(layer_class, "layer_class")
 

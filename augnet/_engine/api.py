@@ -31,7 +31,8 @@ def jacobian(
 
     Args:
         fn: a ``keras.Model`` (called as ``fn(x, training=training)``) or any callable built of
-            TensorFlow ops (called as ``fn(x)``). Samples must be independent (no batch statistics).
+            the backend's ops, e.g. ``keras.ops`` (called as ``fn(x)``). Samples must be
+            independent (no batch statistics).
         x: ``(batch, *input_shape)`` NumPy array or tensor, or a list/tuple/dict of them for a
             model with several inputs. Cast to the model's input dtype (float16/32/64 kept).
         outputs: select output elements by flat index (per sample): ``[0, 3, 7]`` gives
