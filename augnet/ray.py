@@ -9,7 +9,7 @@ pool of actors, each builds the class once (loading the model once), then calls 
     ds = ds.map_batches(
         augnet.ray.JacobianBatch,
         fn_constructor_kwargs={"model": "model.keras", "top_k": 5, "preprocess": "minus1_1"},
-        concurrency=4,          # actors, each with its own copy of the model
+        concurrency=(1, 4),     # 1 to 4 actors as CPUs allow, each with its own model
         batch_size=32,
         num_cpus=1,             # per actor (num_gpus=1 for a GPU each)
     )
@@ -326,7 +326,10 @@ def map_jacobians(
     Args:
         dataset: a :class:`ray.data.Dataset`.
         model: as for :class:`JacobianBatch`.
-        concurrency: the number of actors (or ``(min, max)`` for an autoscaling pool).
+        concurrency: the number of actors, or ``(min, max)`` for an autoscaling pool. A fixed
+            pool waits until the cluster can place all its actors and the tasks feeding them
+            (on 2 CPUs, ``read_images`` with 2 actors waits forever); ``(1, n)`` starts with
+            what there is.
         batch_size: rows per call.
         num_cpus, num_gpus: resources per actor.
         max_restarts, max_task_retries: Ray's actor fault tolerance (a dead actor is restarted

@@ -80,10 +80,11 @@ def _configure_environment() -> dict[str, str]:
         "TF_CPP_MIN_LOG_LEVEL": "2",
     }
     os.environ.update(env)
-    if "ray" in sys.modules:  # imported before this module: set what Ray read at import
-        import ray._private.ray_constants as ray_constants
+    if sys.modules.get("ray") is not None:  # imported before: set what Ray read at import
+        with contextlib.suppress(ImportError):
+            import ray._private.ray_constants as ray_constants
 
-        ray_constants.ENABLE_RAY_CLUSTER = False
+            ray_constants.ENABLE_RAY_CLUSTER = False
     return env
 
 
