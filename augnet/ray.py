@@ -247,13 +247,17 @@ class JacobianBatch:
 
     def __call__(self, batch: Mapping[str, Any]) -> dict[str, Any]:
         """Jacobians of one batch: a dict of columns (see the module docstring)."""
+        import keras
         import numpy as np
 
         import augnet
 
+        def to_numpy(value, dtype):  # from any Keras backend's tensors
+            return np.asarray(keras.ops.convert_to_numpy(value), dtype=dtype)
+
         x = self._inputs(batch)
         b = len(x)
-        preds = np.asarray(self.model(x, training=self.training), dtype=np.float32).reshape(b, -1)
+        preds = to_numpy(self.model(x, training=self.training), np.float32).reshape(b, -1)
         result = augnet.jacobian(
             self.model,
             x,
@@ -264,12 +268,12 @@ class JacobianBatch:
             max_memory=self.max_memory,
         )
         if self.top_k is not None:
-            jac, idx = result.jacobian, np.asarray(result.indices, dtype=np.int64)
+            jac, idx = result.jacobian, to_numpy(result.indices, np.int64)
         else:
             jac = result
             sel = self.outputs if self.outputs is not None else range(preds.shape[1])
             idx = np.broadcast_to(np.asarray(list(sel), dtype=np.int64), (b, len(sel))).copy()
-        jac = np.asarray(jac, dtype=np.float32).reshape(b, idx.shape[1], *x.shape[1:])
+        jac = to_numpy(jac, np.float32).reshape(b, idx.shape[1], *x.shape[1:])
         out: dict[str, Any] = {}
         keep = self.keep_columns
         if keep is True:
