@@ -19,7 +19,7 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["augnet", "augnet.*"]),
     include_package_data=True,
-    package_data={"augnet": ["data/*"]},
+    package_data={"augnet": ["data/*", "_html_assets/*"]},
     install_requires=[
         "tensorflow>=2.16",
         "keras>=3",
@@ -29,7 +29,11 @@ setup(
         "h5py>=3.8",
     ],
     extras_require={
-        "test": ["pytest>=7"],
+        # Ray Data for `augnet.ray` (and the distributed data-set run), pinned as tested
+        "ray": ["ray[data]==2.60.0"],
+        # the tests run everything: Ray's tests and the report page in a browser (Selenium
+        # drives the system's Chromium; .ci/run installs it when it is missing)
+        "test": ["pytest>=7", "ray[data]==2.60.0", "selenium>=4.11"],
         # torch pinned: a plain "torch" can pull a multi-GB CUDA build; 2.13.0 is the CPU wheel here
         "bench": ["torch==2.13.0", "jax==0.10.2", "jaxlib==0.10.2"],
         "dev": ["pytest>=7", "ruff"],

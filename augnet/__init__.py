@@ -54,8 +54,13 @@ _EXPORTS = {
 
 __all__ = ["__version__", *_EXPORTS]
 
+# public submodules reached as attributes (`augnet.ray.JacobianBatch`), imported on first use
+_SUBMODULES = ("ray",)
+
 
 def __getattr__(name: str):
+    if name in _SUBMODULES:
+        return importlib.import_module(f"augnet.{name}")
     module = _EXPORTS.get(name)
     if module is None:
         raise AttributeError(f"module 'augnet' has no attribute {name!r}")
