@@ -87,7 +87,7 @@ def _fmt_shape(shape: Sequence[int | None]) -> str:
 # --------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class InputItem:
     """One model input: an image file, or one row of a ``.npy`` array.
 
@@ -95,16 +95,22 @@ class InputItem:
         path: the file, as an absolute path (symbolic links not resolved).
         row: the row of a ``.npy`` array, ``None`` for an image file.
         name: a short name, unique within the run, used for the per-input output folder.
+        rel: the file's path relative to the run's input root (:func:`input_root`), with ``/``;
+            empty when not set (then :attr:`key` uses the absolute path).
     """
 
     path: Path
     row: int | None = None
     name: str = field(default="", compare=False)
+    rel: str = field(default="", compare=False)
 
     @property
     def key(self) -> str:
-        """Stable identity of the input within a run: the path, plus ``[row]`` for arrays."""
-        return str(self.path) if self.row is None else f"{self.path}[{self.row}]"
+        """Identity of the input within a run: its path relative to the input root (absolute
+        when no root was set), plus ``[row]`` for a row of an array. Moving the inputs' folder
+        (or the output folder) keeps the keys."""
+        where = self.rel or str(self.path)
+        return where if self.row is None else f"{where}[{self.row}]"
 
     @property
     def is_array(self) -> bool:
@@ -201,22 +207,42 @@ def expand_inputs(
         else:
             raise InputReadError(f"input '{text}' does not exist")
 
-    items: list[InputItem] = []
+    unique: list[Path] = []
     seen: set[Path] = set()
     for f in files:
         resolved = Path(os.path.abspath(f))  # absolute; symlinks kept (no syscall per file)
-        if resolved in seen:
-            continue
-        seen.add(resolved)
+        if resolved not in seen:
+            seen.add(resolved)
+            unique.append(resolved)
+    root = common_root(unique)
+    items: list[InputItem] = []
+    for resolved in unique:
+        rel = os.path.relpath(resolved, root).replace(os.sep, "/")
         if resolved.suffix.lower() in ARRAY_EXTENSIONS:
             shape = _npy_shape(resolved)
             if array_input_shape is not None and _shape_matches(shape, array_input_shape):
-                items.append(InputItem(resolved, row=0))  # a single sample, no batch axis
+                items.append(InputItem(resolved, row=0, rel=rel))  # one sample, no batch axis
             else:
-                items.extend(InputItem(resolved, row=i) for i in range(shape[0]))
+                items.extend(InputItem(resolved, row=i, rel=rel) for i in range(shape[0]))
         else:
-            items.append(InputItem(resolved))
+            items.append(InputItem(resolved, rel=rel))
     return assign_names(items, reserved=reserved)
+
+
+def common_root(files: Sequence[Path]) -> Path:
+    """The input root of a run: the deepest folder holding every input file (``/`` at worst).
+
+    Input keys (``summary.jsonl``'s ``"input"``, the records) are paths relative to it, so that a
+    run's results do not depend on where its inputs or its output folder lie.
+    """
+    if not files:
+        return Path(os.getcwd())
+    return Path(os.path.commonpath([os.path.dirname(f) for f in files]))
+
+
+def input_root(items: Sequence[InputItem]) -> Path:
+    """The root the items' keys are relative to (see :func:`common_root`)."""
+    return common_root(sorted({it.path for it in items}))
 
 
 def _shape_matches(shape: Sequence[int], expected: Sequence[int | None]) -> bool:
@@ -261,7 +287,7 @@ def assign_names(items: Sequence[InputItem], *, reserved: Iterable[str] = ()) ->
             candidate = f"{name}_{k}"
             k += 1
         used.add(candidate.lower())
-        named.append(InputItem(it.path, it.row, candidate))
+        named.append(InputItem(it.path, it.row, candidate, it.rel))
     return named
 
 
@@ -527,6 +553,41 @@ def load_array_rows(
         return np.asarray(arr[list(rows)], dtype=np.float32)
     except (OSError, ValueError) as exc:
         raise InputReadError(f"cannot read array '{path}': {exc}") from None
+
+
+def fingerprints(
+    items: Sequence[InputItem], input_shape: Sequence[int | None] | None = None
+) -> list[str]:
+    """Content fingerprints of inputs (``"b2:<hex>"``, BLAKE2b-128): of the file's bytes for an
+    image, of the row's bytes (with its dtype and shape) for a row of a ``.npy`` array.
+
+    An input changed in place is recognised whatever its size and modification time say.
+
+    Raises:
+        InputReadError: a file that cannot be read.
+    """
+    from augnet._safeio import hash_bytes, hash_file
+
+    arrays: dict[Path, np.ndarray] = {}
+    out = []
+    for it in items:
+        try:
+            if it.row is None:
+                out.append(hash_file(it.path))
+                continue
+            arr = arrays.get(it.path)
+            if arr is None:
+                arr = np.load(it.path, mmap_mode="r", allow_pickle=False)
+                if input_shape is not None and _shape_matches(arr.shape, tuple(input_shape)):
+                    arr = arr[None]
+                arrays[it.path] = arr
+            row = np.ascontiguousarray(arr[it.row])
+            meta = f"{row.dtype.str}{row.shape}".encode()
+            out.append(hash_bytes(meta, row.tobytes()))
+        except (OSError, ValueError, IndexError) as exc:
+            reason = getattr(exc, "strerror", None) or str(exc)
+            raise InputReadError(f"cannot read input '{it.path}': {reason}") from None
+    return out
 
 
 def array_display(x: np.ndarray) -> np.ndarray | None:

@@ -17,10 +17,10 @@ Conventions:
 from __future__ import annotations
 
 import difflib
+import io
 import math
 import os
 import pathlib
-import tempfile
 from collections.abc import Sequence
 from numbers import Integral, Real
 
@@ -29,6 +29,7 @@ import matplotlib.colors
 import numpy as np
 from PIL import Image
 
+from augnet import _safeio
 from augnet._errors import format_shape, invalid_value
 
 MODES = ("signed", "abs")
@@ -42,6 +43,12 @@ ABS_LUT_SIZE = 256
 
 # `save_jacobian_images(upscale=None)` enlarges small maps until the longer side is this long.
 AUTO_UPSCALE_MIN_SIDE = 256
+# An explicit `upscale` may enlarge a map to at most this many pixels per side.
+MAX_UPSCALED_SIDE = 16384
+# Exactly-zero values are drawn in this colour in signed mode ("no effect at all").
+ZERO_COLOUR = (255, 255, 255)
+# The colour bar under a map is at least this wide (the map is centred on a wider canvas).
+COLORBAR_MIN_WIDTH = 200
 
 _PNG_DIGITS_MIN = 2
 
@@ -104,8 +111,19 @@ def _check_scale(scale: object) -> float | None:
     return value
 
 
+def _is_top_k(value: object) -> bool:
+    return all(hasattr(value, a) for a in ("jacobian", "indices", "values"))
+
+
 def _as_real_array(argument: str, value: object) -> np.ndarray:
     """Converts array-likes (NumPy arrays, tensors, lists) to a real floating NumPy array."""
+    if _is_top_k(value):
+        raise TypeError(
+            f"`{argument}` is a TopKJacobian (the result of top_k=...), not an array. Pass one "
+            f"sample's maps and their output indices, e.g. {argument}=result.jacobian[i] with "
+            "output_indices=result.indices[i] (and predictions=result.values[i] for a contact "
+            "sheet)."
+        )
     try:
         array = np.asarray(value)
     except Exception as error:
@@ -422,8 +440,9 @@ def render_saliency(
     The map is reduced over channels (`reduce_channels`), divided by a robust scale and clipped
     (`robust_scale`), and looked up in a colormap:
 
-    - mode="signed": diverging colormap (default "RdBu_r"). Zero is exactly the colormap's centre
-      (near-white for "RdBu_r"); +scale and above its top end (dark red), -scale and below its
+    - mode="signed": diverging colormap (default "RdBu_r"). Exactly zero is drawn pure white
+      (`ZERO_COLOUR`: no effect at all); other values near zero get the colormap's centre
+      (light grey for "RdBu_r"); +scale and above its top end (dark red), -scale and below its
       bottom end (dark blue).
     - mode="abs": |map| on a sequential colormap (default "inferno"); zero is the colormap's
       start (black for "inferno"), `scale` and above its end.
@@ -452,7 +471,7 @@ def render_saliency(
 
     >>> rgb = render_saliency(np.zeros((28, 28, 1)))
     >>> rgb.shape, rgb.dtype, rgb[0, 0].tolist()
-    ((28, 28, 3), dtype('uint8'), [247, 247, 247])
+    ((28, 28, 3), dtype('uint8'), [255, 255, 255])
     """
     mode = _check_choice("mode", mode, MODES)
     reduce = _check_choice("reduce", reduce, REDUCTIONS)
@@ -475,6 +494,8 @@ def render_saliency(
         lut = colormap_lut(colormap, ABS_LUT_SIZE)
         index = np.rint(scaled * (ABS_LUT_SIZE - 1)).astype(np.intp)
     rgb = lut[index]
+    if mode == "signed":
+        rgb[reduced == 0.0] = ZERO_COLOUR
     if photo is None:
         return rgb
 
@@ -584,23 +605,135 @@ def _check_upscale(upscale: object, spatial_shape: tuple[int, int]) -> int:
                 "Pass upscale=1 to keep the Jacobian's own size.",
             )
         )
-    return int(upscale)
+    factor = int(upscale)
+    height, width = (int(d) for d in spatial_shape)
+    if factor > 1 and max(height, width) * factor > MAX_UPSCALED_SIDE:
+        largest = max(1, MAX_UPSCALED_SIDE // max(height, width))
+        raise ValueError(
+            f"Received upscale={upscale}, which would make each PNG {height * factor}x"
+            f"{width * factor} pixels ({_safeio.format_bytes(height * width * factor * factor * 3)} of RGB); "
+            f"maps are enlarged to at most {MAX_UPSCALED_SIDE} pixels per side. Pass "
+            f"upscale<={largest} for these {height}x{width} maps, or upscale=None for the "
+            "automatic size. Nothing was written."
+        )
+    return factor
 
 
-def write_png_atomic(path: pathlib.Path, rgb: np.ndarray) -> None:
-    """Writes a `(H, W, 3)` uint8 array as PNG through a temporary file and `os.replace`."""
-    path = pathlib.Path(path)
-    descriptor, temporary = tempfile.mkstemp(
-        prefix=f".{path.name}.", suffix=".tmp", dir=path.parent
-    )
+def _font(size: int):
+    from PIL import ImageFont
+
     try:
-        with os.fdopen(descriptor, "wb") as stream:
-            Image.fromarray(rgb, mode="RGB").save(stream, format="PNG")
-        os.replace(temporary, path)
-    except BaseException:
-        if os.path.exists(temporary):
-            os.unlink(temporary)
-        raise
+        return ImageFont.load_default(size=size)
+    except (TypeError, OSError, ImportError):  # pragma: no cover - pillow without FreeType
+        return ImageFont.load_default()
+
+
+def format_number(value: float) -> str:
+    """Three significant digits: 0.412, 0.00101, 1.2e-05."""
+    return f"{value:.3g}"
+
+
+def colorbar_strip(
+    width: int,
+    *,
+    scale: float,
+    mode: str = "signed",
+    cmap: str | matplotlib.colors.Colormap | None = None,
+) -> np.ndarray:
+    """A small colour bar with its scale in real units, to put under a map.
+
+    The bar spans the colormap as `render_saliency` uses it: in signed mode from `-scale` (left)
+    through 0 to `+scale` (right), in abs mode from 0 to `scale`; the labels give those values
+    (values beyond them are clipped to the ends). `scale` 0 labels the strip "exactly zero".
+
+    Args:
+        width: Width of the strip in pixels (at least `COLORBAR_MIN_WIDTH` looks right).
+        scale: The |value| at the colormap's ends, in the Jacobian's units (e.g. ∂y/∂x).
+        mode: "signed" or "abs".
+        cmap: Colormap name or `Colormap`; `None` for the mode's default.
+
+    Returns:
+        A `(h, width, 3)` uint8 RGB strip, white background.
+
+    Example:
+
+    >>> colorbar_strip(256, scale=3.6e-3).shape[1]
+    256
+    """
+    from PIL import ImageDraw
+
+    mode = _check_choice("mode", mode, MODES)
+    colormap = cmap if isinstance(cmap, matplotlib.colors.Colormap) else resolve_cmap(cmap, mode)
+    width = int(width)
+    size = int(min(28, max(11, width // 24)))
+    font = _font(size)
+    bar_h = max(6, size * 2 // 3)
+    pad = max(3, size // 3)
+    height = pad + bar_h + pad // 2 + size + pad
+    strip = Image.new("RGB", (width, height), (255, 255, 255))
+    x0, x1 = int(width * 0.12), int(width * 0.88)
+    n = max(2, x1 - x0)
+    lut = colormap_lut(colormap, SIGNED_LUT_SIZE if mode == "signed" else ABS_LUT_SIZE)
+    positions = np.linspace(0.0, 1.0, n)
+    index = np.rint(positions * (len(lut) - 1)).astype(np.intp)
+    bar = np.repeat(lut[index][None], bar_h, axis=0)
+    strip.paste(Image.fromarray(bar, "RGB"), (x0, pad))
+    draw = ImageDraw.Draw(strip)
+    draw.rectangle((x0 - 1, pad - 1, x0 + n, pad + bar_h), outline=(120, 120, 120))
+    y = pad + bar_h + pad // 2
+    if not scale:
+        draw.text((width // 2, y), "map is exactly zero", fill=(0, 0, 0), font=font, anchor="ma")
+    else:
+        text = format_number(float(scale))
+        ticks = (
+            [(x0, f"-{text}"), ((x0 + x0 + n) // 2, "0"), (x0 + n, f"+{text}")]
+            if mode == "signed"
+            else [(x0, "0"), (x0 + n, text)]
+        )
+        for x, label in ticks:
+            draw.text((x, y), label, fill=(0, 0, 0), font=font, anchor="ma")
+    return np.asarray(strip)
+
+
+def with_colorbar(
+    rgb: np.ndarray,
+    *,
+    scale: float,
+    mode: str = "signed",
+    cmap: str | matplotlib.colors.Colormap | None = None,
+) -> np.ndarray:
+    """`rgb` `(H, W, 3)` with a `colorbar_strip` under it; a map narrower than
+    `COLORBAR_MIN_WIDTH` is centred on a white canvas that wide. The map's pixels are unchanged:
+    `result[:H, left:left + W] == rgb`, with `left = (width - W) // 2`."""
+    height, width = rgb.shape[:2]
+    canvas_w = max(width, COLORBAR_MIN_WIDTH)
+    strip = colorbar_strip(canvas_w, scale=scale, mode=mode, cmap=cmap)
+    out = np.full((height + strip.shape[0], canvas_w, 3), 255, dtype=np.uint8)
+    left = (canvas_w - width) // 2
+    out[:height, left : left + width] = rgb
+    out[height:] = strip
+    return out
+
+
+def png_bytes(rgb: np.ndarray, text: dict[str, str] | None = None) -> bytes:
+    """A `(H, W, 3)` uint8 array as the bytes of a PNG file, with optional text chunks."""
+    from PIL.PngImagePlugin import PngInfo
+
+    info = None
+    if text:
+        info = PngInfo()
+        for key, value in text.items():
+            info.add_text(key, value)
+    buffer = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(rgb), mode="RGB").save(buffer, format="PNG", pnginfo=info)
+    return buffer.getvalue()
+
+
+def write_png_atomic(path: pathlib.Path, rgb: np.ndarray, *, overwrite: bool = True) -> None:
+    """Writes a `(H, W, 3)` uint8 array as PNG atomically: an exclusive, unpredictable
+    temporary name in the same folder, then a rename (never through a link; mode from the
+    umask, like any file)."""
+    _safeio.write_file(path, png_bytes(rgb), overwrite=overwrite)
 
 
 def existing_file_error(path: pathlib.Path) -> FileExistsError:
@@ -625,6 +758,7 @@ def save_jacobian_images(
     prefix: str = "output",
     upscale: int | None = None,
     shared_scale: bool = False,
+    colorbar: bool = False,
 ) -> list[pathlib.Path]:
     """Writes one saliency PNG per output of one sample's Jacobian.
 
@@ -635,7 +769,14 @@ def save_jacobian_images(
     `os.replace`), so a failure never leaves a half-written set behind.
 
     Each map is scaled by its own `percentile` of |map| unless `shared_scale=True`, which uses one
-    scale for all (the percentile of |maps| pooled), so that colours compare between files.
+    scale for all (the percentile of |maps| pooled, as `contact_sheet` does), so that colours
+    compare between files. With `colorbar=True` each PNG gets a small colour bar under the map
+    giving its scale in real units (see `colorbar_strip`), so a file read alone says how strong
+    its colours are.
+
+    Files are written with an exclusive, unpredictable temporary name and renamed into place;
+    a file (or link) at a target name is replaced only with `overwrite=True`, and never written
+    through. Modes follow the umask.
 
     Args:
         jacobian: One sample's Jacobian, `(n_outputs, H, W)` or `(n_outputs, H, W, C)`.
@@ -651,8 +792,12 @@ def save_jacobian_images(
         prefix: File name prefix, a non-empty string without path separators.
         upscale: Integer nearest-neighbour magnification. `None` (default) picks the smallest
             factor that makes the longer side at least 256 px (28x28 -> 280x280; 224x224 ->
-            448x448; 256 px and larger -> unchanged). Pass 1 for the Jacobian's own size.
+            448x448; 256 px and larger -> unchanged). Pass 1 for the Jacobian's own size. An
+            explicit factor may make at most `MAX_UPSCALED_SIDE` (16384) pixels per side;
+            larger is refused before anything is written.
         shared_scale: Use one scale for all outputs instead of one per map.
+        colorbar: Add a colour bar with the map's scale in real units under each map (the PNG
+            is then taller, and at least 200 pixels wide).
 
     Returns:
         The written paths, `list[pathlib.Path]`, in the order of the Jacobian's first axis.
@@ -684,30 +829,35 @@ def save_jacobian_images(
         raise TypeError(invalid_value("overwrite", overwrite, "True or False"))
 
     scale = None
+    reduced = np.stack([reduce_channels(m, reduce) for m in array])
     if shared_scale:
-        reduced = np.stack([reduce_channels(m, reduce) for m in array])
         scale = percentile_scale(reduced, percentile) or None  # all-zero: per-map (zeros)
 
     directory = pathlib.Path(out_dir)
     digits = max(_PNG_DIGITS_MIN, len(str(max(indices))))
-    paths = [directory / f"{prefix}_{k:0{digits}d}.png" for k in indices]
-    if not overwrite:
-        for path in paths:
-            if path.exists():
-                raise existing_file_error(path)
-    directory.mkdir(parents=True, exist_ok=True)
-
-    for path, jacobian_map in zip(paths, array, strict=True):
-        rgb = render_saliency(
-            jacobian_map,
-            mode=mode,
-            cmap=cmap,
-            percentile=percentile,
-            reduce=reduce,
-            image=image,
-            scale=scale,
-        )
-        if factor > 1:
-            rgb = np.repeat(np.repeat(rgb, factor, axis=0), factor, axis=1)
-        write_png_atomic(path, rgb)
-    return paths
+    names = [f"{prefix}_{k:0{digits}d}.png" for k in indices]
+    with _safeio.SafeDir.open(directory, create=True) as folder:
+        folder.display = str(directory)
+        if not overwrite:
+            for name in names:
+                if folder.lstat(name) is not None:
+                    raise existing_file_error(directory / name)
+        for name, jacobian_map in zip(names, reduced, strict=True):
+            rgb = render_saliency(
+                jacobian_map,
+                mode=mode,
+                cmap=cmap,
+                percentile=percentile,
+                image=image,
+                scale=scale,
+            )
+            if factor > 1:
+                rgb = np.repeat(np.repeat(rgb, factor, axis=0), factor, axis=1)
+            if colorbar:
+                own = scale if scale is not None else percentile_scale(jacobian_map, percentile)
+                rgb = with_colorbar(rgb, scale=own, mode=mode, cmap=cmap)
+            try:
+                folder.write_atomic(name, png_bytes(rgb), replace=overwrite)
+            except FileExistsError:
+                raise existing_file_error(directory / name) from None
+    return [directory / name for name in names]

@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from augnet import _cli, _imageio, _store
+from augnet import _cli, _imageio, _runner, _safeio, _store
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -217,7 +217,8 @@ def test_jacobian_writes_every_file(capsys, tiny_model, images, tmp_path, spy_sh
             with Image.open(out / name / f) as im:
                 im.load()
                 if f.startswith("output"):
-                    assert im.size == (256, 256) and im.mode == "RGB"
+                    # the 256x256 map, and under it the colour bar in real units (issue 9)
+                    assert im.size[0] == 256 and 256 < im.size[1] < 320 and im.mode == "RGB"
     # one contact sheet per input: the input, 3 outputs and the colour bar
     assert spy_sheets == [["input", "output 0", "output 1", "output 2", "colorbar"]] * 4
 
@@ -361,7 +362,7 @@ def test_resume_after_interrupt_is_byte_identical(
     capsys, monkeypatch, tiny_model, images, tmp_path
 ):
     out = tmp_path / "out"
-    real_commit = _store._Batch.commit
+    real_commit = _store.RunStore.commit
     commits = []
 
     def commit_then_interrupt(self, *args, **kwargs):
@@ -371,7 +372,7 @@ def test_resume_after_interrupt_is_byte_identical(
             raise KeyboardInterrupt  # Ctrl-C right after the 2nd batch
         return record
 
-    monkeypatch.setattr(_store._Batch, "commit", commit_then_interrupt)
+    monkeypatch.setattr(_store.RunStore, "commit", commit_then_interrupt)
     code, _, err = run(capsys, *_job_args(tiny_model, images, out, strategy="auto"))
     assert code == 130 and "--resume" in err
     assert len(_store.load_results(out)) == 4  # two finished batches, readable
@@ -379,16 +380,18 @@ def test_resume_after_interrupt_is_byte_identical(
     assert strategy in ("loop", "pfor", "forward")
     monkeypatch.undo()
     # the resumed run uses the strategy chosen on the first batch, never a new timing
-    monkeypatch.setattr(_cli, "resolve_strategy", lambda *a, **k: pytest.fail("resolved again"))
+    monkeypatch.setattr(
+        _runner, "resolve_strategy_for_x", lambda *a, **k: pytest.fail("resolved again")
+    )
 
     computed = []
-    real_compute = _cli.Job.compute
+    real_compute = _runner.compute_batch
 
-    def spy(self, x):
-        computed.append(len(x))
-        return real_compute(self, x)
+    def spy(model, batch, config, **kwargs):
+        computed.append(len(batch.items))
+        return real_compute(model, batch, config, **kwargs)
 
-    monkeypatch.setattr(_cli.Job, "compute", spy)
+    monkeypatch.setattr(_runner, "compute_batch", spy)
     code, _, err = run(capsys, *_job_args(tiny_model, images, out, strategy="auto"), "--resume")
     assert code == 0, err
     assert computed == [2, 1]  # only the 3 unfinished inputs
@@ -405,16 +408,17 @@ def test_interrupt_inside_a_batch_leaves_no_partial_batch(
     capsys, monkeypatch, tiny_model, images, tmp_path, reference_run
 ):
     out = tmp_path / "out"
-    real_save = _store.atomic_save_png
+    real_save = _safeio.SafeDir.write_atomic
     calls = []
 
-    def save_then_interrupt(path, pixels):
-        calls.append(path)
-        if len(calls) == 10:  # 2nd batch: after img2's 3 maps, at img3's first
-            raise KeyboardInterrupt
-        return real_save(path, pixels)
+    def save_then_interrupt(self, name, data, **kwargs):
+        if name.endswith(".png"):
+            calls.append(name)
+            if len(calls) == 10:  # 2nd batch: after img2's 3 maps, at img3's first
+                raise KeyboardInterrupt
+        return real_save(self, name, data, **kwargs)
 
-    monkeypatch.setattr(_store, "atomic_save_png", save_then_interrupt)
+    monkeypatch.setattr(_safeio.SafeDir, "write_atomic", save_then_interrupt)
     code, _, _ = run(capsys, *_job_args(tiny_model, images, out))
     assert code == 130
     monkeypatch.undo()
@@ -433,7 +437,7 @@ def test_refuses_to_overwrite_before_computing(
     out = tmp_path / "out"
     shutil.copytree(reference_run, out)
     before = _raw_files(out)
-    monkeypatch.setattr(_cli.Job, "compute", lambda *a: pytest.fail("computed anyway"))
+    monkeypatch.setattr(_runner, "compute_batch", lambda *a, **k: pytest.fail("computed anyway"))
     code, _, err = run(capsys, *_job_args(tiny_model, images, out))
     assert_one_line_error(code, err, r"already holds results; pass --resume .* --overwrite")
     assert _raw_files(out) == before
@@ -613,16 +617,17 @@ def test_user_errors(capsys, case, tmp_path, tiny_model, images, five_channel_mo
 
 def test_disk_full(capsys, monkeypatch, tiny_model, images, tmp_path):
     out = tmp_path / "out"
-    real = _store.write_bytes
+    real = _safeio._write
     writes = []
 
-    def fill_up(path, data, fsync=False):
+    def fill_up(fd, data):
+        path = Path(os.readlink(f"/proc/self/fd/{fd}"))  # the temporary file being written
         writes.append(path)
         if path.parent.name == "img3":  # 2nd batch, after img2's maps were written
             raise OSError(errno.ENOSPC, "No space left on device")
-        return real(path, data, fsync=fsync)
+        return real(fd, data)
 
-    monkeypatch.setattr(_store, "write_bytes", fill_up)
+    monkeypatch.setattr(_safeio, "_write", fill_up)
     code, _, err = run(capsys, *_job_args(tiny_model, images, out))
     assert_one_line_error(code, err, r"no space left on device while writing '.*'; .* --resume")
     monkeypatch.undo()

@@ -162,9 +162,16 @@ def test_render_shape_and_dtype(shape, mode):
     assert rgb.shape == (9, 11, 3) and rgb.dtype == np.uint8
 
 
-def test_zero_jacobian_renders_centre_colour_in_signed_mode():
+def test_zero_jacobian_renders_pure_white_in_signed_mode():
+    # issue 9: exactly zero ("no effect at all") is pure white, not the colormap's light grey
     rgb = render_saliency(np.zeros((8, 8, 1)))
-    np.testing.assert_array_equal(rgb, np.broadcast_to(CENTRE, (8, 8, 3)))
+    np.testing.assert_array_equal(rgb, np.full((8, 8, 3), 255, np.uint8))
+    # a value too small to leave the centre entry gets the colormap's centre, not white
+    m = np.zeros((2, 2))
+    m[0, 0], m[1, 1] = 1.0, 1e-9
+    rgb = render_saliency(m, percentile=100)
+    np.testing.assert_array_equal(rgb[1, 1], CENTRE)
+    np.testing.assert_array_equal(rgb[0, 1], [255, 255, 255])
 
 
 def test_zero_jacobian_renders_colormap_start_in_abs_mode():
@@ -185,14 +192,17 @@ def test_sign_mapping_positive_red_negative_blue():
     rgb = render_saliency(m, percentile=100)
     np.testing.assert_array_equal(rgb[0, 0], SIGNED_LUT[-1])  # top end of RdBu_r: red
     np.testing.assert_array_equal(rgb[1, 1], SIGNED_LUT[0])  # bottom end: blue
-    np.testing.assert_array_equal(rgb[2, 2], CENTRE)
+    np.testing.assert_array_equal(rgb[2, 2], [255, 255, 255])  # exactly zero: white
     assert rgb[0, 0, 0] > rgb[0, 0, 2] and rgb[1, 1, 2] > rgb[1, 1, 0]
 
 
 def test_sign_mapping_is_symmetric():
     m = np.linspace(-1, 1, 257).reshape(1, 257)
+    assert m[0, 128] == 0.0
     rgb = render_saliency(m, percentile=100)
-    np.testing.assert_array_equal(rgb[0], SIGNED_LUT)
+    expected = SIGNED_LUT.copy()
+    expected[128] = 255  # exactly zero is white
+    np.testing.assert_array_equal(rgb[0], expected)
 
 
 def test_abs_mode_maps_magnitude_to_sequential_colormap():
