@@ -44,8 +44,9 @@ ABS_LUT_SIZE = 256
 # `save_jacobian_images(upscale=None)` enlarges small maps until the longer side is this long.
 AUTO_UPSCALE_MIN_SIDE = 256
 # An explicit `upscale` may enlarge a map to at most this many pixels per side.
-MAX_UPSCALED_SIDE = 16384
-# Exactly-zero values are drawn in this colour in signed mode ("no effect at all").
+MAX_UPSCALED_SIDE = 8192  # 67 Mpx: below pillow's decompression-bomb limit when read back
+# In signed mode the colormap's centre entry, where zero lands (|value| < scale / 256), is drawn
+# in this colour: pure white, "no effect" (RdBu_r's own centre is a light grey, 247).
 ZERO_COLOUR = (255, 255, 255)
 # The colour bar under a map is at least this wide (the map is centred on a wider canvas).
 COLORBAR_MIN_WIDTH = 200
@@ -307,6 +308,20 @@ def colormap_lut(name: str | matplotlib.colors.Colormap, size: int = ABS_LUT_SIZ
     return np.rint(np.asarray(rgba)[:, :3] * 255.0).astype(np.uint8)
 
 
+def signed_lut(name: str | matplotlib.colors.Colormap) -> np.ndarray:
+    """The lookup table of signed mode: `colormap_lut(name, 257)` with its centre entry, where
+    zero lands, pure white (`ZERO_COLOUR`).
+
+    Example:
+
+    >>> signed_lut("RdBu_r")[128].tolist()
+    [255, 255, 255]
+    """
+    lut = colormap_lut(name, SIGNED_LUT_SIZE).copy()
+    lut[(SIGNED_LUT_SIZE - 1) // 2] = ZERO_COLOUR
+    return lut
+
+
 def reduce_channels(jacobian_map: object, method: str = "maxabs") -> np.ndarray:
     """Reduces a map's channel axis: `(H, W, C)` -> `(H, W)`; `(H, W)` passes through.
 
@@ -440,10 +455,10 @@ def render_saliency(
     The map is reduced over channels (`reduce_channels`), divided by a robust scale and clipped
     (`robust_scale`), and looked up in a colormap:
 
-    - mode="signed": diverging colormap (default "RdBu_r"). Exactly zero is drawn pure white
-      (`ZERO_COLOUR`: no effect at all); other values near zero get the colormap's centre
-      (light grey for "RdBu_r"); +scale and above its top end (dark red), -scale and below its
-      bottom end (dark blue).
+    - mode="signed": diverging colormap (default "RdBu_r"). Zero is drawn pure white
+      (`ZERO_COLOUR`, "no effect"; so is anything below half a colour step, |value| < scale /
+      256); +scale and above its top end (dark red), -scale and below its bottom end (dark
+      blue).
     - mode="abs": |map| on a sequential colormap (default "inferno"); zero is the colormap's
       start (black for "inferno"), `scale` and above its end.
 
@@ -485,7 +500,7 @@ def render_saliency(
     scaled = robust_scale(reduced, percentile, signed=(mode == "signed"), scale=scale)
     colormap = cmap if isinstance(cmap, matplotlib.colors.Colormap) else cmap_name
     if mode == "signed":
-        lut = colormap_lut(colormap, SIGNED_LUT_SIZE)
+        lut = signed_lut(colormap)
         half = (SIGNED_LUT_SIZE - 1) // 2
         # 0 -> index `half` exactly; rint(half + y) == half + rint(y) as `half` is even, so
         # +v and -v land symmetrically.
@@ -494,8 +509,6 @@ def render_saliency(
         lut = colormap_lut(colormap, ABS_LUT_SIZE)
         index = np.rint(scaled * (ABS_LUT_SIZE - 1)).astype(np.intp)
     rgb = lut[index]
-    if mode == "signed":
-        rgb[reduced == 0.0] = ZERO_COLOUR
     if photo is None:
         return rgb
 
@@ -673,7 +686,7 @@ def colorbar_strip(
     strip = Image.new("RGB", (width, height), (255, 255, 255))
     x0, x1 = int(width * 0.12), int(width * 0.88)
     n = max(2, x1 - x0)
-    lut = colormap_lut(colormap, SIGNED_LUT_SIZE if mode == "signed" else ABS_LUT_SIZE)
+    lut = signed_lut(colormap) if mode == "signed" else colormap_lut(colormap, ABS_LUT_SIZE)
     positions = np.linspace(0.0, 1.0, n)
     index = np.rint(positions * (len(lut) - 1)).astype(np.intp)
     bar = np.repeat(lut[index][None], bar_h, axis=0)
@@ -793,7 +806,7 @@ def save_jacobian_images(
         upscale: Integer nearest-neighbour magnification. `None` (default) picks the smallest
             factor that makes the longer side at least 256 px (28x28 -> 280x280; 224x224 ->
             448x448; 256 px and larger -> unchanged). Pass 1 for the Jacobian's own size. An
-            explicit factor may make at most `MAX_UPSCALED_SIDE` (16384) pixels per side;
+            explicit factor may make at most `MAX_UPSCALED_SIDE` (8192) pixels per side;
             larger is refused before anything is written.
         shared_scale: Use one scale for all outputs instead of one per map.
         colorbar: Add a colour bar with the map's scale in real units under each map (the PNG

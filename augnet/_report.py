@@ -265,10 +265,12 @@ def build_contact_sheet(
         ax.set_yticks([])
 
     quantity = _quantity_label(mode, reduce, n_channels)
-    lut_size = _render.SIGNED_LUT_SIZE if signed else _render.ABS_LUT_SIZE
-    listed = matplotlib.colors.ListedColormap(
-        _render.colormap_lut(colormap, lut_size) / 255.0, name=cmap_name
+    lut = (
+        _render.signed_lut(colormap)
+        if signed
+        else _render.colormap_lut(colormap, _render.ABS_LUT_SIZE)
     )
+    listed = matplotlib.colors.ListedColormap(lut / 255.0, name=cmap_name)
     pct = f"p{percentile:g}"
     if shared_scale and pooled > 0.0:
         limit = pooled
