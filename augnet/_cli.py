@@ -466,6 +466,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="image file, folder (its images, sorted), glob pattern, or .npy array of inputs",
     )
     jac.set_defaults(func=cmd_jacobian)
+    parser.commands = {"demo": demo, "info": info, "jacobian": jac}
     return parser
 
 
@@ -967,7 +968,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     """
     parser = build_parser()
     try:
-        args = parser.parse_args(argv)
+        args, extra = parser.parse_known_args(argv)
+        if extra:  # reported by the command's parser, which points to its own --help
+            command = parser.commands.get(getattr(args, "command", None), parser)
+            command.error(f"unrecognized arguments: {' '.join(extra)}")
     except SystemExit as exc:  # --help, --version, or an argument error (one line, printed)
         return int(exc.code or 0)
     if getattr(args, "func", None) is None:

@@ -375,12 +375,17 @@ def plan_run(
         augnet._safeio.FolderLockedError: another run writes the folder.
     """
     out = Path(options.out)
+    _safeio.check_not_locked(out)  # another run writes there: say which, before anything else
     if (out / _store.RUN_FILE).exists() and not (options.resume or options.overwrite):
         raise _store.ExistingResultsError(
             f"'{out}' already holds results; pass --resume to continue that run or "
             "--overwrite to replace it"
         )
     items = expand(options)  # every input exists, checked before the model (and TensorFlow)
+    if "png" in options.formats:
+        from augnet import _render
+
+        _render.resolve_cmap(options.cmap, options.mode)  # a bad --cmap before any work
     if model is None:
         if load is None:
             raise TypeError("plan_run needs `model` or `load`")

@@ -537,6 +537,36 @@ class FolderLock:
         self.release()
 
 
+def lock_holder(path: str | os.PathLike[str]) -> dict[str, Any] | None:
+    """Who holds the lock of the folder ``path`` (its info), or ``None`` when nobody does.
+
+    Only looks: the lock is tested and released at once (a stale lock file left by a killed
+    run is not held: ``None``).
+    """
+    if fcntl is None:  # pragma: no cover
+        return None
+    try:
+        fd = os.open(os.path.join(os.fspath(path), LOCK_NAME), os.O_RDONLY | _NOFOLLOW | _CLOEXEC)
+    except OSError:
+        return None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return _read_lock_info(fd) or {"pid": None}
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return None
+    finally:
+        os.close(fd)
+
+
+def check_not_locked(path: str | os.PathLike[str]) -> None:
+    """Raise :class:`FolderLockedError` naming the run that holds the folder's lock, if any."""
+    holder = lock_holder(path)
+    if holder is not None:
+        raise FolderLockedError(_locked_message(os.fspath(path), holder))
+
+
 def _read_lock_info(fd: int) -> dict[str, Any]:
     try:
         return json.loads(os.pread(fd, 4096, 0).decode("utf-8", "replace"))

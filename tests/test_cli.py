@@ -9,6 +9,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -791,3 +792,167 @@ def test_info_sample_prints_the_sensitivity_summary(capsys, keras, tmp_path):
     assert f"spectral norm {np.linalg.norm(J, 2):.4g}" in out
     for k in range(2):
         assert f"L1 {np.abs(J[k]).sum():.4g}  L2 {np.linalg.norm(J[k]):.4g}" in out
+
+
+# ----------------------------------------------------------------------------------------------
+# issue 9: argument errors, concurrent runs, signals, info's top outputs
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "argv, pattern",
+    [
+        (["jacobian"], r"required: MODEL, INPUT; see 'augnet jacobian --help'$"),
+        (["jacobian", "m", "x", "--outputs", "1,,2"], r"--outputs: expected output indices"),
+        (["jacobian", "m", "x", "--bogus"], r"unrecognized arguments: --bogus; see 'augnet jacobian --help'$"),
+        (["info"], r"required: MODEL; see 'augnet info --help'$"),
+        (["demo", "--percentile", "200"], r"--percentile: expected a number in \(0, 100\]"),
+        (["frobnicate"], r"invalid choice: 'frobnicate'.*see 'augnet --help'$"),
+        (["jacobian", "m", "x", "--overwrite", "--resume"], r"not allowed with argument"),
+    ],
+)
+def test_argument_errors_are_one_line(capsys, argv, pattern):
+    code, out, err = run(capsys, *argv)
+    assert_one_line_error(code, err, pattern)
+    assert out == "" and "usage:" not in err
+
+
+def test_argument_error_as_a_process_is_one_line():
+    done = subprocess.run(
+        [*_command(), "jacobian", "--top-k", "0", "m.keras", "x.png"],
+        capture_output=True, text=True, env=_env(), timeout=60,
+    )
+    assert_one_line_error(done.returncode, done.stderr, r"--top-k: expected a positive integer.*--help")
+
+
+def _slow_args(model, images, out):
+    """One input per batch, with contact sheets: a run of a few seconds."""
+    return [
+        "jacobian", str(model), str(images), "--out", str(out), "--batch-size", "1",
+        "--quiet", "--strategy", "loop", "--format", "png,npy",
+    ]
+
+
+def _wait_for(path: Path, proc, timeout=120):
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        assert proc.poll() is None, proc.stderr.read().decode() if proc.stderr else proc.returncode
+        assert time.monotonic() < deadline, f"{path} never appeared"
+        time.sleep(0.005)
+
+
+def test_a_second_concurrent_run_is_refused_naming_the_first(tiny_model, images, tmp_path):
+    out = tmp_path / "out"
+    first = subprocess.Popen(
+        [*_command(), *_slow_args(tiny_model, images, out)],
+        env=_env(), cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )
+    try:
+        _wait_for(out / _safeio.LOCK_NAME, first)
+        second = subprocess.run(
+            [*_command(), *_slow_args(tiny_model, images, out), "--overwrite"],
+            capture_output=True, text=True, env=_env(), cwd=tmp_path, timeout=120,
+        )
+        assert_one_line_error(
+            second.returncode,
+            second.stderr,
+            rf"out' is in use by another augnet run \(process {first.pid} on .*augnet jacobian .*\); "
+            "wait for it to finish",
+        )
+        assert first.wait(timeout=300) == 0, first.stderr.read().decode()
+    finally:
+        if first.poll() is None:
+            first.kill()
+        first.wait()
+        first.stderr.close()
+    reference = tmp_path / "reference"
+    assert _cli.main(_slow_args(tiny_model, images, reference)) == 0
+    assert _raw_files(out) == _raw_files(reference)  # the first run, whole and alone
+
+
+_KILL_IN_COMMIT = """
+import os, signal, sys
+from augnet import _safeio
+real = _safeio.SafeDir.write_atomic
+count = [0]
+def write_atomic(self, name, data, **kwargs):
+    if name.endswith(".png"):
+        count[0] += 1
+        if count[0] == int(os.environ["KILL_AT"]):
+            os.kill(os.getpid(), signal.SIGKILL)  # no clean-up at all
+    return real(self, name, data, **kwargs)
+_safeio.SafeDir.write_atomic = write_atomic
+from augnet._cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_sigkill_inside_the_first_batch_then_resume(tiny_model, images, tmp_path):
+    """Killed while the first (and only) batch writes its files: --resume cleans up from the
+    batch's journal and finishes byte-identical (issue 9: it used to be refused)."""
+    out = tmp_path / "out"
+    args = _job_args(tiny_model, images, out, batch_size=7)
+    done = subprocess.run(
+        [sys.executable, "-c", _KILL_IN_COMMIT, *[str(a) for a in args]],
+        env={**_env(), "KILL_AT": "5"}, cwd=tmp_path, capture_output=True, timeout=300,
+    )
+    assert done.returncode == -signal.SIGKILL, done.stderr.decode()
+    assert (out / "batches" / "000000.pending").exists()  # the journal of the killed batch
+    assert len(list(out.glob("img*/output_*.png"))) == 4 and len(_store.load_results(out)) == 0
+    assert _cli.main([str(a) for a in args] + ["--resume"]) == 0
+    reference = tmp_path / "reference"
+    assert _cli.main([str(a) for a in _job_args(tiny_model, images, reference, 7)]) == 0
+    assert _raw_files(out) == _raw_files(reference)
+
+
+def test_sigterm_stops_the_run_cleanly(tiny_model, images, tmp_path):
+    out = tmp_path / "out"
+    proc = subprocess.Popen(
+        [*_command(), *_slow_args(tiny_model, images, out)],
+        env=_env(), cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )
+    try:
+        _wait_for(out / "batches" / "000001.json", proc)
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(timeout=120)
+        err = proc.stderr.read().decode()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+        proc.stderr.close()
+    lines = err.strip().splitlines()
+    assert code == 143 and len(lines) == 1, err
+    assert re.match(r"augnet: terminated; \d input\(s\) finished in this run are kept in .*--resume", lines[0])
+    finished = len(_store.load_results(out))
+    assert 2 <= finished < 7
+    assert not list(out.glob("batches/*.pending")) and not (out / _safeio.LOCK_NAME).exists()
+    # the summary already lists every finished input (it grows batch by batch)
+    assert len((out / "summary.jsonl").read_text().splitlines()) == finished
+    assert _cli.main(_slow_args(tiny_model, images, out) + ["--resume"]) == 0
+    reference = tmp_path / "reference"
+    assert _cli.main(_slow_args(tiny_model, images, reference)) == 0
+    assert _raw_files(out) == _raw_files(reference)
+
+
+def test_info_sample_lists_the_largest_outputs(capsys, keras, tmp_path):
+    """30 outputs of a linear model: the 20 with the largest gradient, largest first."""
+    rng = np.random.default_rng(3)
+    kernel = (rng.normal(size=(4, 30)) * np.linspace(0.1, 3.0, 30)).astype("float32")
+    inp = keras.Input((4,))
+    dense = keras.layers.Dense(30, use_bias=False)
+    model = keras.Model(inp, dense(inp))
+    dense.set_weights([kernel])
+    model.save(tmp_path / "wide.keras")
+    x = np.ones((1, 4), np.float32)
+    np.save(tmp_path / "x.npy", x)
+    code, out, err = run(capsys, "info", tmp_path / "wide.keras", "--sample", tmp_path / "x.npy")
+    assert code == 0, err
+    l2 = np.linalg.norm(kernel, axis=0)
+    expected = np.argsort(-l2, kind="stable")[:20]
+    listed = [int(m.group(1)) for m in re.finditer(r"^\s+(\d+)  value ", out, re.M)]
+    assert listed == expected.tolist()
+    assert "the 20 of 30 outputs with the largest gradient (L2)" in out and "... 10 more" in out
+    y = x @ kernel
+    k = int(expected[0])
+    assert f"{k:>4}  value {y[0, k]:.4g}  L1 {np.abs(kernel[:, k]).sum():.4g}  L2 {l2[k]:.4g}" in out
