@@ -67,9 +67,7 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message: str):
         command = self.prog if self.prog.startswith(PROG) else PROG
-        self.exit(
-            EXIT_USAGE, f"{PROG}: error: {_one_line(message)}; see '{command} --help'\n"
-        )
+        self.exit(EXIT_USAGE, f"{PROG}: error: {_one_line(message)}; see '{command} --help'\n")
 
 
 # --------------------------------------------------------------------------------------------
@@ -777,9 +775,10 @@ def _sensitivity_lines(model, sample: str, *, quiet: bool = False) -> list[str]:
     n_out = math.prod(out_shape) if out_shape else 1
     prediction = np.asarray(model(x, training=False)).reshape(-1)
     J = None
-    with _runner.StopFlag() as stop, Progress(
-        n_out, enabled=not quiet, unit="outputs", tick=0.5
-    ) as bar:
+    with (
+        _runner.StopFlag() as stop,
+        Progress(n_out, enabled=not quiet, unit="outputs", tick=0.5) as bar,
+    ):
         for chunk in augnet.iter_jacobian(model, x):
             values = np.asarray(chunk.values)
             if J is None:
@@ -812,9 +811,7 @@ def _sensitivity_lines(model, sample: str, *, quiet: bool = False) -> list[str]:
             "its gradient"
         )
     for k in shown:
-        lines.append(
-            f"    {int(k):>4}  value {prediction[k]:.4g}  L1 {l1[k]:.4g}  L2 {l2[k]:.4g}"
-        )
+        lines.append(f"    {int(k):>4}  value {prediction[k]:.4g}  L1 {l1[k]:.4g}  L2 {l2[k]:.4g}")
     if len(l1) > INFO_TOP_OUTPUTS:
         lines.append(f"    ... {len(l1) - INFO_TOP_OUTPUTS} more outputs")
     return lines

@@ -328,9 +328,8 @@ def check_memory(
     if need <= budget:
         return
     fmt = _safeio.format_bytes
-    what = (
-        f"{k} output(s) x input {_shape_text(input_shape)} in float32"
-        + (", plus rendering one map" if render else "")
+    what = f"{k} output(s) x input {_shape_text(input_shape)} in float32" + (
+        ", plus rendering one map" if render else ""
     )
     one = per_input + render
     if one <= budget:
@@ -547,9 +546,7 @@ def _check_committed(store, committed, batches: list[Batch], input_shape) -> set
                 except _imageio.InputReadError:
                     ok = False
                 else:
-                    ok = all(
-                        e.get("fingerprint") == fp for e, fp in zip(entries, fps, strict=True)
-                    )
+                    ok = all(e.get("fingerprint") == fp for e, fp in zip(entries, fps, strict=True))
             ok = ok and store.record_is_complete(record)
         if ok:
             done.add(b)
@@ -738,7 +735,11 @@ def render_input(
         shared = _render.percentile_scale(np.stack(reduced), config.percentile) or None
     image = display if config.overlay and display is not None else None
     for j, k in enumerate(indices):
-        scale = shared if shared is not None else _render.percentile_scale(reduced[j], config.percentile)
+        scale = (
+            shared
+            if shared is not None
+            else _render.percentile_scale(reduced[j], config.percentile)
+        )
         rgb = _render.render_saliency(
             reduced[j],
             mode=config.mode,
@@ -914,9 +915,12 @@ def run_plan(plan: Plan, model, *, quiet: bool = False, stream=None) -> RunStats
     total = sum(len(bt.items) for bt in plan.todo)
     started = time.monotonic()
     try:
-        with StopFlag() as stop, Progress(
-            total, enabled=not quiet, skipped=stats.skipped, stream=stream, tick=0.5
-        ) as bar:
+        with (
+            StopFlag() as stop,
+            Progress(
+                total, enabled=not quiet, skipped=stats.skipped, stream=stream, tick=0.5
+            ) as bar,
+        ):
             try:
                 for batch in plan.todo:
                     stop.check()

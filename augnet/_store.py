@@ -1081,4 +1081,3 @@ def write_npy_stream(
     finally:
         folder.close()
     return path
-

@@ -804,7 +804,10 @@ def test_info_sample_prints_the_sensitivity_summary(capsys, keras, tmp_path):
     [
         (["jacobian"], r"required: MODEL, INPUT; see 'augnet jacobian --help'$"),
         (["jacobian", "m", "x", "--outputs", "1,,2"], r"--outputs: expected output indices"),
-        (["jacobian", "m", "x", "--bogus"], r"unrecognized arguments: --bogus; see 'augnet jacobian --help'$"),
+        (
+            ["jacobian", "m", "x", "--bogus"],
+            r"unrecognized arguments: --bogus; see 'augnet jacobian --help'$",
+        ),
         (["info"], r"required: MODEL; see 'augnet info --help'$"),
         (["demo", "--percentile", "200"], r"--percentile: expected a number in \(0, 100\]"),
         (["frobnicate"], r"invalid choice: 'frobnicate'.*see 'augnet --help'$"),
@@ -820,16 +823,31 @@ def test_argument_errors_are_one_line(capsys, argv, pattern):
 def test_argument_error_as_a_process_is_one_line():
     done = subprocess.run(
         [*_command(), "jacobian", "--top-k", "0", "m.keras", "x.png"],
-        capture_output=True, text=True, env=_env(), timeout=60,
+        capture_output=True,
+        text=True,
+        env=_env(),
+        timeout=60,
     )
-    assert_one_line_error(done.returncode, done.stderr, r"--top-k: expected a positive integer.*--help")
+    assert_one_line_error(
+        done.returncode, done.stderr, r"--top-k: expected a positive integer.*--help"
+    )
 
 
 def _slow_args(model, images, out):
     """One input per batch, with contact sheets: a run of a few seconds."""
     return [
-        "jacobian", str(model), str(images), "--out", str(out), "--batch-size", "1",
-        "--quiet", "--strategy", "loop", "--format", "png,npy",
+        "jacobian",
+        str(model),
+        str(images),
+        "--out",
+        str(out),
+        "--batch-size",
+        "1",
+        "--quiet",
+        "--strategy",
+        "loop",
+        "--format",
+        "png,npy",
     ]
 
 
@@ -845,13 +863,20 @@ def test_a_second_concurrent_run_is_refused_naming_the_first(tiny_model, images,
     out = tmp_path / "out"
     first = subprocess.Popen(
         [*_command(), *_slow_args(tiny_model, images, out)],
-        env=_env(), cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        env=_env(),
+        cwd=tmp_path,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
     )
     try:
         _wait_for(out / _safeio.LOCK_NAME, first)
         second = subprocess.run(
             [*_command(), *_slow_args(tiny_model, images, out), "--overwrite"],
-            capture_output=True, text=True, env=_env(), cwd=tmp_path, timeout=120,
+            capture_output=True,
+            text=True,
+            env=_env(),
+            cwd=tmp_path,
+            timeout=120,
         )
         assert_one_line_error(
             second.returncode,
@@ -894,7 +919,10 @@ def test_sigkill_inside_the_first_batch_then_resume(tiny_model, images, tmp_path
     args = _job_args(tiny_model, images, out, batch_size=7)
     done = subprocess.run(
         [sys.executable, "-c", _KILL_IN_COMMIT, *[str(a) for a in args]],
-        env={**_env(), "KILL_AT": "5"}, cwd=tmp_path, capture_output=True, timeout=300,
+        env={**_env(), "KILL_AT": "5"},
+        cwd=tmp_path,
+        capture_output=True,
+        timeout=300,
     )
     assert done.returncode == -signal.SIGKILL, done.stderr.decode()
     assert (out / "batches" / "000000.pending").exists()  # the journal of the killed batch
@@ -909,7 +937,10 @@ def test_sigterm_stops_the_run_cleanly(tiny_model, images, tmp_path):
     out = tmp_path / "out"
     proc = subprocess.Popen(
         [*_command(), *_slow_args(tiny_model, images, out)],
-        env=_env(), cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        env=_env(),
+        cwd=tmp_path,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
     )
     try:
         _wait_for(out / "batches" / "000001.json", proc)
@@ -923,7 +954,9 @@ def test_sigterm_stops_the_run_cleanly(tiny_model, images, tmp_path):
         proc.stderr.close()
     lines = err.strip().splitlines()
     assert code == 143 and len(lines) == 1, err
-    assert re.match(r"augnet: terminated; \d input\(s\) finished in this run are kept in .*--resume", lines[0])
+    assert re.match(
+        r"augnet: terminated; \d input\(s\) finished in this run are kept in .*--resume", lines[0]
+    )
     finished = len(_store.load_results(out))
     assert 2 <= finished < 7
     assert not list(out.glob("batches/*.pending")) and not (out / _safeio.LOCK_NAME).exists()
@@ -955,4 +988,6 @@ def test_info_sample_lists_the_largest_outputs(capsys, keras, tmp_path):
     assert "the 20 of 30 outputs with the largest gradient (L2)" in out and "... 10 more" in out
     y = x @ kernel
     k = int(expected[0])
-    assert f"{k:>4}  value {y[0, k]:.4g}  L1 {np.abs(kernel[:, k]).sum():.4g}  L2 {l2[k]:.4g}" in out
+    assert (
+        f"{k:>4}  value {y[0, k]:.4g}  L1 {np.abs(kernel[:, k]).sum():.4g}  L2 {l2[k]:.4g}" in out
+    )

@@ -45,7 +45,9 @@ def hostile_savedmodel(tmp_path_factory):
 
 def test_savedmodel_is_refused_without_unsafe(hostile_savedmodel, capsys, tmp_path):
     path, marker = hostile_savedmodel
-    with pytest.raises(ValueError, match=r"is a TensorFlow SavedModel: loading it runs the TensorFlow graph"):
+    with pytest.raises(
+        ValueError, match=r"is a TensorFlow SavedModel: loading it runs the TensorFlow graph"
+    ):
         augnet.load_model(path)
     _one_line_error(capsys, ["info", path], r"SavedModel.*safe_mode=False \(--unsafe")
     np.save(tmp_path / "x.npy", np.ones((2, 3), np.float32))

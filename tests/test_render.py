@@ -507,7 +507,9 @@ def test_module_imports_neither_tensorflow_nor_pyplot():
 def test_save_refuses_a_huge_upscale_before_writing(tmp_path):
     from augnet._render import _check_upscale
 
-    with pytest.raises(ValueError, match=r"upscale=100000.*2800000x2800000 pixels \(.* TiB of RGB\).*upscale<=292") as info:
+    with pytest.raises(
+        ValueError, match=r"upscale=100000.*2800000x2800000 pixels \(.* TiB of RGB\).*upscale<=292"
+    ) as info:
         save_jacobian_images(np.ones((2, 28, 28)), tmp_path / "out", upscale=100000)
     assert "\n" not in str(info.value)
     assert not (tmp_path / "out").exists()
@@ -521,7 +523,9 @@ def test_top_k_result_gets_a_clear_error(tmp_path):
     from augnet._engine import TopKJacobian
 
     result = TopKJacobian(np.ones((2, 3, 4, 4)), np.zeros((2, 3), int), np.zeros((2, 3)))
-    with pytest.raises(TypeError, match=r"TopKJacobian.*result\.jacobian\[i\].*output_indices=result\.indices\[i\]"):
+    with pytest.raises(
+        TypeError, match=r"TopKJacobian.*result\.jacobian\[i\].*output_indices=result\.indices\[i\]"
+    ):
         save_jacobian_images(result, tmp_path / "out")
     assert not (tmp_path / "out").exists()
 

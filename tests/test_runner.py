@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from augnet import _cli, _imageio, _render, _runner, _safeio, _store
+from augnet import _cli, _render, _runner, _safeio, _store
 
 keras = pytest.importorskip("keras")
 
@@ -187,7 +187,9 @@ def test_per_output_pngs_share_the_contact_sheets_scale(capsys, tiny_model, imag
     J = _store.load_results(out).jacobian(0)  # (3, 16, 16, 1)
     reduced = np.stack([_render.reduce_channels(m) for m in J])
     pooled = _render.percentile_scale(reduced)
-    assert sheets[0]["shared_scale"] is True and sheets[0]["overlay"] is True  # --overlay: sheet too
+    assert (
+        sheets[0]["shared_scale"] is True and sheets[0]["overlay"] is True
+    )  # --overlay: sheet too
     display = sheets[0]["image"]
     for k in range(3):
         with Image.open(out / "img1" / f"output_{k:02d}.png") as png:
@@ -269,7 +271,9 @@ def test_resume_follows_content_and_keeps_index_and_folder_in_step(
     results = _store.load_results(out)
     names = [f"img{i}" for i in (1, 2, 3, 4, 6, 9)]
     assert [e["name"] for e in results.entries] == names
-    summary = [json.loads(line)["name"] for line in (out / "summary.jsonl").read_text().splitlines()]
+    summary = [
+        json.loads(line)["name"] for line in (out / "summary.jsonl").read_text().splitlines()
+    ]
     assert summary == names
     assert not (out / "img0").exists() and not (out / "img5").exists()
     fresh2 = tmp_path / "fresh2"
@@ -286,7 +290,9 @@ def test_files_of_the_user_are_never_replaced_without_overwrite(
         (out / name).write_bytes(b"the user's")
         code, _, err = run(capsys, *_args(tiny_model, images, out))
         first = name.split("/")[0]
-        one_line(code, err, rf"{first}' already exists and augnet did not write it; pass --overwrite")
+        one_line(
+            code, err, rf"{first}' already exists and augnet did not write it; pass --overwrite"
+        )
         assert (out / name).read_bytes() == b"the user's"
         assert run(capsys, *_args(tiny_model, images, out), "--overwrite")[0] == 0
         assert (out / name).read_bytes() != b"the user's"  # asked for: replaced
@@ -374,12 +380,20 @@ def test_huge_inputs_are_refused_before_any_work(
 def test_check_memory_arithmetic():
     n = 100 * 100 * 3
     _runner.check_memory(
-        batch_size=2, k=5, input_shape=(100, 100, 3), pictures=False, upscale_to=256,
+        batch_size=2,
+        k=5,
+        input_shape=(100, 100, 3),
+        pictures=False,
+        upscale_to=256,
         max_memory=2 * 6 * n * 4,
     )
     with pytest.raises(_runner.RunError, match=r"lower --batch-size to 2 or less"):
         _runner.check_memory(
-            batch_size=3, k=5, input_shape=(100, 100, 3), pictures=False, upscale_to=256,
+            batch_size=3,
+            k=5,
+            input_shape=(100, 100, 3),
+            pictures=False,
+            upscale_to=256,
             max_memory=2 * 6 * n * 4,
         )
 

@@ -439,7 +439,9 @@ def test_killed_commit_is_cleaned_up_from_its_journal(tmp_path):
 
 def test_a_second_run_on_the_same_folder_is_refused(tmp_path):
     first = _open(tmp_path / "out")
-    with pytest.raises(FolderLockedError, match=rf"in use by another augnet run \(process {os.getpid()}"):
+    with pytest.raises(
+        FolderLockedError, match=rf"in use by another augnet run \(process {os.getpid()}"
+    ):
         RunStore(tmp_path / "out").open()
     first.close()
     _open(tmp_path / "out").close()  # free again
@@ -468,7 +470,9 @@ def test_files_follow_the_umask(tmp_path):
 def test_model_path_must_be_a_file_or_a_folder(tmp_path):
     fifo = tmp_path / "model.keras"
     os.mkfifo(fifo)
-    with pytest.raises(ValueError, match=r"model.keras' is a FIFO \(named pipe\), not a model file"):
+    with pytest.raises(
+        ValueError, match=r"model.keras' is a FIFO \(named pipe\), not a model file"
+    ):
         _safeio.check_model_path(fifo)
     link = tmp_path / "zero.keras"
     os.symlink("/dev/zero", link)
@@ -545,7 +549,9 @@ def test_npy_stream_never_touches_a_user_partial_file_or_link(tmp_path):
 def test_npy_stream_full_disk_is_found_before_computing_and_named(tmp_path, monkeypatch):
     calls = []
     monkeypatch.setattr(_store, "disk_free", lambda path: 100)
-    with pytest.raises(OSError, match=r"No space left on device: the file needs .* 100 bytes are free") as info:
+    with pytest.raises(
+        OSError, match=r"No space left on device: the file needs .* 100 bytes are free"
+    ) as info:
         _store.write_npy_stream(tmp_path / "J.npy", _blocks(calls))
     assert info.value.errno == errno.ENOSPC and info.value.filename == str(tmp_path / "J.npy")
     assert os.listdir(tmp_path) == []

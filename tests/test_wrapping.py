@@ -143,7 +143,8 @@ def test_wrap_rejects_what_is_not_a_model():
 )
 def test_load_model_gives_identical_jacobians(saved, fmt, tol):
     model, x, J, paths = saved
-    loaded = augnet.load_model(paths[fmt], safe_mode=fmt != "savedmodel")  # issue 9: SavedModel = code
+    # issue 9: a SavedModel folder is code, loaded only with safe_mode=False
+    loaded = augnet.load_model(paths[fmt], safe_mode=fmt != "savedmodel")
     assert isinstance(loaded, augnet.AugNet)
     np.testing.assert_allclose(loaded.return_jacobian(x), J, **tol)
     np.testing.assert_allclose(J, tape_loop_jacobian(model, x), **F32)
@@ -153,7 +154,7 @@ def test_load_model_gives_identical_jacobians(saved, fmt, tol):
 def test_loaded_savedmodel_every_strategy(saved, strategy):
     """A SavedModel is reached through TFSMLayer: gradients (and forward mode) must flow through it."""
     _, x, J, paths = saved
-    loaded = augnet.load_model(paths["savedmodel"], safe_mode=False)  # issue 9: SavedModel = code
+    loaded = augnet.load_model(paths["savedmodel"], safe_mode=False)  # issue 9: code
     np.testing.assert_allclose(
         augnet.jacobian(loaded, x, strategy=strategy), J, rtol=1e-6, atol=1e-6
     )
