@@ -91,26 +91,38 @@ def _fmt_shape(shape: Sequence[int | None]) -> str:
 class InputItem:
     """One model input: an image file, or one row of a ``.npy`` array.
 
+    Small on purpose (one per input of a data set is kept in memory): the folder ``root`` is one
+    object shared by all inputs, and the path is made from it when asked for.
+
     Attributes:
-        path: the file, as an absolute path (symbolic links not resolved).
+        root: the run's input root (:func:`common_root`), an absolute path (links not resolved).
+        rel: the file's path relative to ``root``, with ``/``.
         row: the row of a ``.npy`` array, ``None`` for an image file.
         name: a short name, unique within the run, used for the per-input output folder.
-        rel: the file's path relative to the run's input root (:func:`input_root`), with ``/``;
-            empty when not set (then :attr:`key` uses the absolute path).
     """
 
-    path: Path
+    root: Path
+    rel: str
     row: int | None = None
     name: str = field(default="", compare=False)
-    rel: str = field(default="", compare=False)
+
+    @classmethod
+    def at(cls, path: str | os.PathLike[str], row: int | None = None, name: str = "") -> InputItem:
+        """The input at ``path`` (made absolute; its folder is the root)."""
+        p = Path(os.path.abspath(path))
+        return cls(p.parent, p.name, row, name)
+
+    @property
+    def path(self) -> Path:
+        """The file, as an absolute path (symbolic links not resolved)."""
+        return self.root / self.rel
 
     @property
     def key(self) -> str:
-        """Identity of the input within a run: its path relative to the input root (absolute
-        when no root was set), plus ``[row]`` for a row of an array. Moving the inputs' folder
-        (or the output folder) keeps the keys."""
-        where = self.rel or str(self.path)
-        return where if self.row is None else f"{where}[{self.row}]"
+        """Identity of the input within a run: its path relative to the input root, plus
+        ``[row]`` for a row of an array. Moving the inputs' folder (or the output folder)
+        keeps the keys."""
+        return self.rel if self.row is None else f"{self.rel}[{self.row}]"
 
     @property
     def is_array(self) -> bool:
@@ -215,17 +227,19 @@ def expand_inputs(
             seen.add(resolved)
             unique.append(resolved)
     root = common_root(unique)
+    del seen
     items: list[InputItem] = []
     for resolved in unique:
         rel = os.path.relpath(resolved, root).replace(os.sep, "/")
         if resolved.suffix.lower() in ARRAY_EXTENSIONS:
             shape = _npy_shape(resolved)
             if array_input_shape is not None and _shape_matches(shape, array_input_shape):
-                items.append(InputItem(resolved, row=0, rel=rel))  # one sample, no batch axis
+                items.append(InputItem(root, rel, 0))  # one sample, no batch axis
             else:
-                items.extend(InputItem(resolved, row=i, rel=rel) for i in range(shape[0]))
+                items.extend(InputItem(root, rel, i) for i in range(shape[0]))
         else:
-            items.append(InputItem(resolved, rel=rel))
+            items.append(InputItem(root, rel))
+    del unique, files
     return assign_names(items, reserved=reserved)
 
 
@@ -242,7 +256,7 @@ def common_root(files: Sequence[Path]) -> Path:
 
 def input_root(items: Sequence[InputItem]) -> Path:
     """The root the items' keys are relative to (see :func:`common_root`)."""
-    return common_root(sorted({it.path for it in items}))
+    return items[0].root if items else Path(os.getcwd())
 
 
 def _shape_matches(shape: Sequence[int], expected: Sequence[int | None]) -> bool:
@@ -287,7 +301,7 @@ def assign_names(items: Sequence[InputItem], *, reserved: Iterable[str] = ()) ->
             candidate = f"{name}_{k}"
             k += 1
         used.add(candidate.lower())
-        named.append(InputItem(it.path, it.row, candidate, it.rel))
+        named.append(InputItem(it.root, it.rel, it.row, candidate))
     return named
 
 

@@ -17,6 +17,7 @@ Conventions:
 from __future__ import annotations
 
 import difflib
+import functools
 import io
 import math
 import os
@@ -48,8 +49,6 @@ MAX_UPSCALED_SIDE = 8192  # 67 Mpx: below pillow's decompression-bomb limit when
 # In signed mode the colormap's centre entry, where zero lands (|value| < scale / 256), is drawn
 # in this colour: pure white, "no effect" (RdBu_r's own centre is a light grey, 247).
 ZERO_COLOUR = (255, 255, 255)
-# The colour bar under a map is at least this wide (the map is centred on a wider canvas).
-COLORBAR_MIN_WIDTH = 200
 
 _PNG_DIGITS_MIN = 2
 
@@ -302,10 +301,24 @@ def colormap_lut(name: str | matplotlib.colors.Colormap, size: int = ABS_LUT_SIZ
         colormap = name
     else:
         colormap = matplotlib.colormaps[resolve_cmap(name)]
+    if isinstance(name, str):
+        return _named_lut(colormap.name, int(size)).copy()
+    return _sample_lut(colormap, int(size))
+
+
+def _sample_lut(colormap: matplotlib.colors.Colormap, size: int) -> np.ndarray:
     # `resampled` interpolates segmented colormaps at the new sample points instead of
     # snapping to their stored 256 entries, so the middle of an odd-sized table is exact.
-    rgba = colormap.resampled(int(size))(np.linspace(0.0, 1.0, int(size)))
+    rgba = colormap.resampled(size)(np.linspace(0.0, 1.0, size))
     return np.rint(np.asarray(rgba)[:, :3] * 255.0).astype(np.uint8)
+
+
+@functools.lru_cache(maxsize=64)
+def _named_lut(name: str, size: int) -> np.ndarray:
+    """`colormap_lut` of a registered colormap, computed once (read-only)."""
+    lut = _sample_lut(matplotlib.colormaps[name], size)
+    lut.flags.writeable = False
+    return lut
 
 
 def signed_lut(name: str | matplotlib.colors.Colormap) -> np.ndarray:
@@ -632,100 +645,9 @@ def _check_upscale(upscale: object, spatial_shape: tuple[int, int]) -> int:
     return factor
 
 
-def _font(size: int):
-    from PIL import ImageFont
-
-    try:
-        return ImageFont.load_default(size=size)
-    except (TypeError, OSError, ImportError):  # pragma: no cover - pillow without FreeType
-        return ImageFont.load_default()
-
-
 def format_number(value: float) -> str:
     """Three significant digits: 0.412, 0.00101, 1.2e-05."""
     return f"{value:.3g}"
-
-
-def colorbar_strip(
-    width: int,
-    *,
-    scale: float,
-    mode: str = "signed",
-    cmap: str | matplotlib.colors.Colormap | None = None,
-) -> np.ndarray:
-    """A small colour bar with its scale in real units, to put under a map.
-
-    The bar spans the colormap as `render_saliency` uses it: in signed mode from `-scale` (left)
-    through 0 to `+scale` (right), in abs mode from 0 to `scale`; the labels give those values
-    (values beyond them are clipped to the ends). `scale` 0 labels the strip "exactly zero".
-
-    Args:
-        width: Width of the strip in pixels (at least `COLORBAR_MIN_WIDTH` looks right).
-        scale: The |value| at the colormap's ends, in the Jacobian's units (e.g. ∂y/∂x).
-        mode: "signed" or "abs".
-        cmap: Colormap name or `Colormap`; `None` for the mode's default.
-
-    Returns:
-        A `(h, width, 3)` uint8 RGB strip, white background.
-
-    Example:
-
-    >>> colorbar_strip(256, scale=3.6e-3).shape[1]
-    256
-    """
-    from PIL import ImageDraw
-
-    mode = _check_choice("mode", mode, MODES)
-    colormap = cmap if isinstance(cmap, matplotlib.colors.Colormap) else resolve_cmap(cmap, mode)
-    width = int(width)
-    size = int(min(28, max(11, width // 24)))
-    font = _font(size)
-    bar_h = max(6, size * 2 // 3)
-    pad = max(3, size // 3)
-    height = pad + bar_h + pad // 2 + size + pad
-    strip = Image.new("RGB", (width, height), (255, 255, 255))
-    x0, x1 = int(width * 0.12), int(width * 0.88)
-    n = max(2, x1 - x0)
-    lut = signed_lut(colormap) if mode == "signed" else colormap_lut(colormap, ABS_LUT_SIZE)
-    positions = np.linspace(0.0, 1.0, n)
-    index = np.rint(positions * (len(lut) - 1)).astype(np.intp)
-    bar = np.repeat(lut[index][None], bar_h, axis=0)
-    strip.paste(Image.fromarray(bar, "RGB"), (x0, pad))
-    draw = ImageDraw.Draw(strip)
-    draw.rectangle((x0 - 1, pad - 1, x0 + n, pad + bar_h), outline=(120, 120, 120))
-    y = pad + bar_h + pad // 2
-    if not scale:
-        draw.text((width // 2, y), "map is exactly zero", fill=(0, 0, 0), font=font, anchor="ma")
-    else:
-        text = format_number(float(scale))
-        ticks = (
-            [(x0, f"-{text}"), ((x0 + x0 + n) // 2, "0"), (x0 + n, f"+{text}")]
-            if mode == "signed"
-            else [(x0, "0"), (x0 + n, text)]
-        )
-        for x, label in ticks:
-            draw.text((x, y), label, fill=(0, 0, 0), font=font, anchor="ma")
-    return np.asarray(strip)
-
-
-def with_colorbar(
-    rgb: np.ndarray,
-    *,
-    scale: float,
-    mode: str = "signed",
-    cmap: str | matplotlib.colors.Colormap | None = None,
-) -> np.ndarray:
-    """`rgb` `(H, W, 3)` with a `colorbar_strip` under it; a map narrower than
-    `COLORBAR_MIN_WIDTH` is centred on a white canvas that wide. The map's pixels are unchanged:
-    `result[:H, left:left + W] == rgb`, with `left = (width - W) // 2`."""
-    height, width = rgb.shape[:2]
-    canvas_w = max(width, COLORBAR_MIN_WIDTH)
-    strip = colorbar_strip(canvas_w, scale=scale, mode=mode, cmap=cmap)
-    out = np.full((height + strip.shape[0], canvas_w, 3), 255, dtype=np.uint8)
-    left = (canvas_w - width) // 2
-    out[:height, left : left + width] = rgb
-    out[height:] = strip
-    return out
 
 
 def png_bytes(rgb: np.ndarray, text: dict[str, str] | None = None) -> bytes:
@@ -867,6 +789,8 @@ def save_jacobian_images(
             if factor > 1:
                 rgb = np.repeat(np.repeat(rgb, factor, axis=0), factor, axis=1)
             if colorbar:
+                from augnet._colorbar import with_colorbar
+
                 own = scale if scale is not None else percentile_scale(jacobian_map, percentile)
                 rgb = with_colorbar(rgb, scale=own, mode=mode, cmap=cmap)
             try:

@@ -430,6 +430,66 @@ def write_file(
 
 
 # ------------------------------------------------------------------------------------------------
+# Path-based helpers (scripts, the public API)
+# ------------------------------------------------------------------------------------------------
+
+
+def atomic_write_bytes(path: str | os.PathLike[str], data: bytes, *, fsync: bool = False) -> Path:
+    """Write ``data`` to ``path`` atomically (exclusive temporary name, then a rename)."""
+    path = Path(path)
+    with SafeDir.open(path.parent) as folder:
+        folder.display = str(path.parent)
+        folder.write_atomic(path.name, data, fsync=fsync)
+    return path
+
+
+def atomic_write_json(path: str | os.PathLike[str], obj: Any, *, fsync: bool = True) -> Path:
+    """Write ``obj`` as compact JSON (keys in insertion order, so deterministic), atomically."""
+    return atomic_write_bytes(
+        path,
+        (json.dumps(obj, separators=(",", ":"), allow_nan=True) + "\n").encode("utf-8"),
+        fsync=fsync,
+    )
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
+    """Yield a new, exclusively created temporary path to write; on success it is renamed to
+    ``path``, on failure deleted.
+
+    Example:
+        >>> with atomic_path("out/sheet.png") as tmp:  # doctest: +SKIP
+        ...     figure.savefig(tmp)
+    """
+    path = Path(path)
+    with SafeDir.open(path.parent) as folder:
+        folder.display = str(path.parent)
+        fd, tmp = folder.create_temp(path.name)
+        os.close(fd)
+        try:
+            yield path.parent / tmp
+            folder.publish(tmp, path.name)
+        except BaseException:
+            folder.discard(tmp)
+            raise
+
+
+def remove_temp_files(folder: str | os.PathLike[str]) -> None:
+    """Delete augnet's temporary files (``.NAME.tmp-<16 hex>``) left in ``folder`` by a process
+    killed while writing; links and anything else are left alone."""
+    try:
+        d = SafeDir.open(folder)
+    except OSError:
+        return
+    with d:
+        for name in d.listdir():
+            st = d.lstat(name)
+            if is_temp_name(name) and st is not None and stat.S_ISREG(st.st_mode):
+                with contextlib.suppress(OSError):
+                    d.unlink(name)
+
+
+# ------------------------------------------------------------------------------------------------
 # Model paths
 # ------------------------------------------------------------------------------------------------
 

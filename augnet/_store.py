@@ -44,13 +44,11 @@ NumPy and the standard library only.
 from __future__ import annotations
 
 import contextlib
-import errno
 import io
 import json
 import os
-import shutil
 import stat
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -58,7 +56,7 @@ from typing import Any
 import numpy as np
 
 from augnet import _safeio
-from augnet._safeio import SafeDir, UnsafePathError, format_bytes
+from augnet._safeio import SafeDir, UnsafePathError
 
 RUN_FILE = "run.json"
 BATCH_DIR = "batches"
@@ -146,68 +144,17 @@ def npy_bytes(array: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-def atomic_write_bytes(path: str | os.PathLike[str], data: bytes, *, fsync: bool = False) -> Path:
-    """Write ``data`` to ``path`` atomically (exclusive temporary name, then a rename)."""
-    path = Path(path)
-    with SafeDir.open(path.parent) as folder:
-        folder.display = str(path.parent)
-        folder.write_atomic(path.name, data, fsync=fsync)
-    return path
-
-
-def atomic_write_json(path: str | os.PathLike[str], obj: Any, *, fsync: bool = True) -> Path:
-    """Write ``obj`` as compact JSON (keys in insertion order, so deterministic), atomically."""
-    return atomic_write_bytes(path, _json_bytes(obj), fsync=fsync)
+from augnet._safeio import (  # noqa: E402, F401  (generic safe writes, kept importable here)
+    atomic_path,
+    atomic_write_bytes,
+    atomic_write_json,
+    remove_temp_files,
+)
 
 
 def atomic_save_npy(path: str | os.PathLike[str], array: np.ndarray, *, fsync: bool = True) -> Path:
     """Save ``array`` as ``.npy`` atomically."""
     return atomic_write_bytes(path, npy_bytes(array), fsync=fsync)
-
-
-@contextlib.contextmanager
-def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
-    """Yield a new, exclusively created temporary path to write; on success it is renamed to
-    ``path``, on failure deleted.
-
-    Example:
-        >>> with atomic_path("out/sheet.png") as tmp:  # doctest: +SKIP
-        ...     figure.savefig(tmp)
-    """
-    path = Path(path)
-    with SafeDir.open(path.parent) as folder:
-        folder.display = str(path.parent)
-        fd, tmp = folder.create_temp(path.name)
-        os.close(fd)
-        try:
-            yield path.parent / tmp
-            folder.publish(tmp, path.name)
-        except BaseException:
-            folder.discard(tmp)
-            raise
-
-
-def remove_temp_files(folder: str | os.PathLike[str]) -> None:
-    """Delete augnet's temporary files (``.NAME.tmp-<16 hex>``) left in ``folder`` by a process
-    killed while writing; links and anything else are left alone."""
-    try:
-        d = SafeDir.open(folder)
-    except OSError:
-        return
-    with d:
-        for name in d.listdir():
-            st = d.lstat(name)
-            if _safeio.is_temp_name(name) and st is not None and stat.S_ISREG(st.st_mode):
-                with contextlib.suppress(OSError):
-                    d.unlink(name)
-
-
-def disk_free(path: str | os.PathLike[str]) -> int | None:
-    """Free bytes on the file system holding ``path`` (``None`` if unknown)."""
-    try:
-        return shutil.disk_usage(path).free
-    except OSError:
-        return None
 
 
 # --------------------------------------------------------------------------------------------
@@ -737,7 +684,9 @@ class RunStore:
                     (f"{_split(rel)[0]}/{t}" if "/" in rel else t) for rel, t in temps.items()
                 ],
             }
-            batches.write_atomic(_batch_name(b) + _PENDING, _json_bytes(journal), fsync=True)
+            # not flushed: a killed process leaves its page cache written; only a power cut could
+            # lose the journal (then its files, unprovable, are refused, never deleted)
+            batches.write_atomic(_batch_name(b) + _PENDING, _json_bytes(journal))
             written: list[str] = []
             created: list[str] = []
             try:
@@ -828,18 +777,6 @@ class RunStore:
             self.rewrite_summary()
 
 
-def read_run_header(out_dir: str | os.PathLike[str]) -> dict[str, Any] | None:
-    """``OUT/run.json`` as a dict (read without the lock and without following a link), or
-    ``None`` when it is absent or unreadable."""
-    try:
-        with SafeDir.open(out_dir) as folder:
-            data = folder.read_bytes(RUN_FILE)
-        obj = json.loads(data)
-    except (OSError, ValueError):
-        return None
-    return obj if isinstance(obj, dict) else None
-
-
 def _run_id(command: str, settings: Mapping[str, Any]) -> str:
     """The run's id: a digest of its command and the settings that shape its results (the
     model's content included; not the strategy asked for, as ``auto`` resolves to a concrete one
@@ -853,231 +790,9 @@ def _run_id(command: str, settings: Mapping[str, Any]) -> str:
     return _safeio.hash_bytes(text.encode("utf-8"))[3:19]
 
 
-# --------------------------------------------------------------------------------------------
-# Reading a store (also while a run is still writing it)
-# --------------------------------------------------------------------------------------------
+# jacobian_to_npy's file (checked before any work, streamed into place) lives in augnet._npyfile;
+# the engine calls it as augnet._store.write_npy_stream.
+from augnet._npyfile import disk_free, write_npy_stream  # noqa: E402, F401
 
-
-class StoredResults:
-    """The finished inputs of a run folder, read from its commit records.
-
-    Attributes:
-        out_dir: the folder.
-        settings: the run's settings (``run.json``), or ``None`` if not written yet.
-        entries: one dict per finished input, in input order; each has ``key``, ``name``,
-            ``fingerprint``, ``outputs``, ``files``, ``summary``, and ``shard``/``shard_row`` when
-            raw Jacobians were stored.
-
-    Example:
-        >>> results = load_results("jacobian_results")  # doctest: +SKIP
-        >>> results.jacobian(0).shape  # (k, *input_shape) of the first input
-        (3, 16, 16, 1)
-        >>> results.to_array().shape  # (n_inputs, k, *input_shape)
-        (120, 3, 16, 16, 1)
-    """
-
-    def __init__(self, out_dir: Path, settings: dict[str, Any] | None, entries: list[dict]):
-        self.out_dir = out_dir
-        self.settings = settings
-        self.entries = entries
-        self._index = {e["key"]: i for i, e in enumerate(entries)}
-
-    def __len__(self) -> int:
-        return len(self.entries)
-
-    @property
-    def keys(self) -> list[str]:
-        return [e["key"] for e in self.entries]
-
-    def path(self, rel: str) -> Path:
-        """The file ``rel`` of a record, checked: inside the folder, reached without a link."""
-        _safeio.check_relative_path(rel, where=f"a record in '{self.out_dir}'", folder=self.out_dir)
-        path = self.out_dir
-        for part in rel.split("/"):
-            path = path / part
-            if path.is_symlink():
-                raise UnsafePathError(
-                    f"'{path}' is a symbolic link; augnet did not write it and does not follow it"
-                )
-        return path
-
-    def _shard(self, rel: str) -> np.ndarray:
-        return np.load(self.path(rel), mmap_mode="r", allow_pickle=False)
-
-    def jacobian(self, which: int | str) -> np.ndarray:
-        """Raw Jacobian ``(k, *input_shape)`` of one input, by position or key (memory-mapped)."""
-        entry = self.entries[self._index[which] if isinstance(which, str) else which]
-        if entry.get("shard") is None:
-            raise ValueError(
-                f"no raw Jacobian was stored for '{entry['key']}'; run with --format npy"
-            )
-        return self._shard(entry["shard"])[entry["shard_row"]]
-
-    def to_array(self) -> np.ndarray:
-        """All raw Jacobians, ``(n_inputs, k, *input_shape)`` float32 (loads them into memory)."""
-        if not self.entries:
-            return np.zeros((0,), dtype=np.float32)
-        return np.stack([np.asarray(self.jacobian(i)) for i in range(len(self))])
-
-
-def load_results(out_dir: str | os.PathLike[str]) -> StoredResults:
-    """Read the finished part of a run folder (safe while the run is still writing it).
-
-    Only committed batches of the folder's run are seen (each record is written after its files);
-    a record that lists a path outside the folder raises ``UnsafePathError``.
-    """
-    out_dir = Path(out_dir)
-    store = RunStore(out_dir)
-    store.root = SafeDir.open(out_dir)
-    store.root.display = str(out_dir)
-    try:
-        run = store.read_run()
-        if run is None:
-            return StoredResults(out_dir, None, [])
-        store.run_id = run["run_id"]
-        entries = []
-        for b in store._batch_ids():
-            record = store.read_record(b)
-            for i, entry in enumerate(record["inputs"]):
-                entries.append(dict(entry, shard=record.get("shard"), shard_row=i))
-        return StoredResults(out_dir, run.get("settings"), entries)
-    finally:
-        store.root.close()
-
-
-# --------------------------------------------------------------------------------------------
-# jacobian_to_npy's file: streamed into place, checked before any work
-# --------------------------------------------------------------------------------------------
-
-
-def _pwrite(fd: int, data: bytes, offset: int) -> None:
-    """Positioned write of all of ``data`` (tests replace it to simulate a full disk)."""
-    view = memoryview(data).cast("B")
-    while view:
-        n = os.pwrite(fd, view, offset)
-        view, offset = view[n:], offset + n
-
-
-def _reserve(fd: int, size: int) -> None:
-    """Give the file its final size; with ``posix_fallocate`` the space is reserved now, so a disk
-    too small fails here, before the computation, rather than at its end."""
-    if hasattr(os, "posix_fallocate"):
-        try:
-            os.posix_fallocate(fd, 0, size)
-            return
-        except OSError as exc:
-            if exc.errno == errno.ENOSPC:
-                raise
-    os.ftruncate(fd, size)
-
-
-BlockSource = Callable[[], tuple[tuple[int, ...], np.dtype, Iterable[tuple[slice, slice, Any]]]]
-
-
-def write_npy_stream(
-    path: str | os.PathLike[str], make_blocks: BlockSource, *, overwrite: bool = False
-) -> Path:
-    """Stream an array, block by block, into the ``.npy`` file ``path``; the engine's
-    ``augnet.jacobian_to_npy`` writes through this.
-
-    The target is checked **before** ``make_blocks`` is called (before any computation): a
-    folder, a missing or unwritable parent folder, or an existing file without ``overwrite`` is
-    refused at once. The file is written under an unpredictable temporary name created
-    exclusively in the target's folder (a file or link planted there is never touched), its full
-    size is reserved before the first block (a disk too small fails before the computation, with
-    the sizes), and it is renamed into place only when complete: a file at ``path`` is always
-    whole. It follows the umask like any file.
-
-    Args:
-        path: the ``.npy`` file to write.
-        make_blocks: ``() -> (shape, dtype, blocks)``; ``shape`` is ``(batch, m, *rest)`` and each
-            block ``(samples, columns, values)`` fills ``array[samples, columns] = values`` with
-            ``values`` of shape ``(b, c, *rest)``.
-        overwrite: replace an existing file (never through a link: a link is replaced itself).
-
-    Returns:
-        ``path`` as a ``Path``.
-
-    Raises:
-        FileExistsError: ``path`` exists and ``overwrite`` is false.
-        IsADirectoryError: ``path`` is a folder.
-        FileNotFoundError / PermissionError: its folder is missing or not writable.
-        OSError: a full disk (``ENOSPC``), naming ``path`` and the sizes.
-    """
-    path = Path(path)
-    st = path.lstat() if path.exists() or path.is_symlink() else None
-    if st is not None and stat.S_ISDIR(st.st_mode):
-        raise IsADirectoryError(
-            errno.EISDIR,
-            f"Is a folder; jacobian_to_npy writes a file: pass a path such as '{path}/J.npy'",
-            str(path),
-        )
-    if st is not None and not overwrite:
-        raise FileExistsError(
-            errno.EEXIST, "File exists; pass overwrite=True to replace it", str(path)
-        )
-    parent = path.parent if str(path.parent) else Path(".")
-    if not parent.is_dir():
-        raise FileNotFoundError(
-            errno.ENOENT, f"No such folder '{parent}' to write the .npy file in", str(path)
-        )
-    try:
-        folder = SafeDir.open(parent)
-    except OSError as exc:
-        raise _safeio.named(exc, path) from None
-    folder.display = str(parent)
-    try:
-        fd, tmp = folder.create_temp(path.name)
-    except OSError as exc:
-        folder.close()
-        raise _safeio.named(exc, path) from None
-    try:
-        try:
-            shape, dtype, blocks = make_blocks()
-            dtype = np.dtype(dtype)
-            header = io.BytesIO()
-            np.lib.format.write_array_header_1_0(
-                header,
-                {
-                    "descr": np.lib.format.dtype_to_descr(dtype),
-                    "fortran_order": False,
-                    "shape": tuple(int(s) for s in shape),
-                },
-            )
-            offset = len(header.getvalue())
-            row_bytes = int(np.prod(shape[2:], dtype=np.int64)) * dtype.itemsize
-            total = offset + int(shape[0]) * int(shape[1]) * row_bytes
-            free = disk_free(parent)
-            if free is not None and total > free:
-                raise OSError(
-                    errno.ENOSPC,
-                    f"No space left on device: the file needs {format_bytes(total)}, "
-                    f"{format_bytes(free)} are free",
-                )
-            try:
-                _reserve(fd, total)
-            except OSError as exc:
-                if exc.errno == errno.ENOSPC:
-                    raise OSError(
-                        errno.ENOSPC,
-                        f"No space left on device: the file needs {format_bytes(total)}",
-                    ) from None
-                raise
-            _pwrite(fd, header.getvalue(), 0)
-            for samples, columns, values in blocks:
-                block = np.ascontiguousarray(values, dtype=dtype)
-                for i, s in enumerate(range(samples.start, samples.stop)):
-                    start = offset + (s * shape[1] + columns.start) * row_bytes
-                    _pwrite(fd, block[i].tobytes(), start)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        folder.publish(tmp, path.name, replace=overwrite)
-    except BaseException as exc:
-        folder.discard(tmp)
-        if isinstance(exc, OSError):
-            raise _safeio.named(exc, path) from None
-        raise
-    finally:
-        folder.close()
-    return path
+# Reading a run folder lives in augnet._results (kept importable from here).
+from augnet._results import StoredResults, load_results, read_run_header  # noqa: E402, F401

@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from augnet import _cli, _imageio, _runner, _safeio, _store
+from augnet import _cli, _compute, _imageio, _runner, _safeio, _store
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -382,7 +382,7 @@ def test_resume_after_interrupt_is_byte_identical(
     monkeypatch.undo()
     # the resumed run uses the strategy chosen on the first batch, never a new timing
     monkeypatch.setattr(
-        _runner, "resolve_strategy_for_x", lambda *a, **k: pytest.fail("resolved again")
+        _compute, "resolve_strategy_for_x", lambda *a, **k: pytest.fail("resolved again")
     )
 
     computed = []

@@ -548,7 +548,8 @@ def test_saved_files_follow_the_umask_and_never_a_link(tmp_path):
 
 
 def test_colorbar_under_each_map_in_real_units(tmp_path):
-    from augnet._render import colorbar_strip, percentile_scale
+    from augnet._colorbar import colorbar_strip
+    from augnet._render import percentile_scale
 
     m = _random((16, 16))
     jac = np.stack([m, 1e-13 * m])
@@ -576,7 +577,7 @@ def test_colorbar_under_each_map_in_real_units(tmp_path):
 
 
 def test_narrow_map_is_centred_above_a_wide_enough_colour_bar():
-    from augnet._render import COLORBAR_MIN_WIDTH, with_colorbar
+    from augnet._colorbar import COLORBAR_MIN_WIDTH, with_colorbar
 
     rgb = render_saliency(_random((40, 10)))
     out = with_colorbar(rgb, scale=1.0)

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from augnet import _safeio, _store
+from augnet import _npyfile, _safeio, _store
 from augnet._progress import Progress
 from augnet._safeio import FolderLockedError, UnsafePathError
 from augnet._store import (
@@ -548,7 +548,7 @@ def test_npy_stream_never_touches_a_user_partial_file_or_link(tmp_path):
 
 def test_npy_stream_full_disk_is_found_before_computing_and_named(tmp_path, monkeypatch):
     calls = []
-    monkeypatch.setattr(_store, "disk_free", lambda path: 100)
+    monkeypatch.setattr(_npyfile, "disk_free", lambda path: 100)
     with pytest.raises(
         OSError, match=r"No space left on device: the file needs .* 100 bytes are free"
     ) as info:
@@ -560,7 +560,7 @@ def test_npy_stream_full_disk_is_found_before_computing_and_named(tmp_path, monk
     def full(fd, data, offset):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(_store, "_pwrite", full)
+    monkeypatch.setattr(_npyfile, "_pwrite", full)
     with pytest.raises(OSError, match="No space left") as info:
         _store.write_npy_stream(tmp_path / "J.npy", _blocks(calls))
     assert info.value.filename == str(tmp_path / "J.npy")
