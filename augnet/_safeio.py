@@ -213,7 +213,9 @@ class SafeDir:
         """Open the folder ``path`` (the user's choice: a link is followed here), creating it and
         its parents when ``create``."""
         path = os.fspath(path)
-        if create:
+        if create and not os.path.isdir(path):
+            if os.path.lexists(path):
+                raise NotADirectoryError(errno.ENOTDIR, "Not a folder (a file is in the way)", path)
             os.makedirs(path, exist_ok=True)
         fd = os.open(path, os.O_RDONLY | _DIRECTORY | _CLOEXEC)
         return cls(fd, path)

@@ -585,3 +585,10 @@ def test_narrow_map_is_centred_above_a_wide_enough_colour_bar():
     assert out.shape[1] == COLORBAR_MIN_WIDTH
     np.testing.assert_array_equal(out[:40, left : left + 10], rgb)
     assert (out[:40, :left] == 255).all()
+
+
+def test_save_into_a_file_path_says_so(tmp_path):
+    (tmp_path / "out").write_text("a file")
+    with pytest.raises(NotADirectoryError, match=r"Not a folder.*out"):
+        save_jacobian_images(_random((1, 4, 4)), tmp_path / "out")
+    assert (tmp_path / "out").read_text() == "a file"
