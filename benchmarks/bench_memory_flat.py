@@ -156,7 +156,7 @@ def _figure(rows: list[dict]) -> None:
     ax.set_ylabel("anonymous resident memory (MiB)")
     ax.set_title("augnet jacobian: memory while the run goes (one line per run)")
     ax.set_ylim(bottom=0)
-    ax.legend()
+    ax.legend(loc="lower right")
     figure.savefig(FIGURE)
 
 

@@ -991,3 +991,26 @@ def test_info_sample_lists_the_largest_outputs(capsys, keras, tmp_path):
     assert (
         f"{k:>4}  value {y[0, k]:.4g}  L1 {np.abs(kernel[:, k]).sum():.4g}  L2 {l2[k]:.4g}" in out
     )
+
+
+def test_info_sample_shows_progress_while_it_computes(capsys, monkeypatch, keras, tmp_path):
+    """A convolutional model with 100 outputs (the engine's reverse loop, 32 outputs per block):
+    the progress line moves with each block (drawn on a terminal; counted here)."""
+    from augnet import _progress
+
+    inp = keras.Input((8, 8, 1))
+    h = keras.layers.Flatten()(keras.layers.Conv2D(2, 3, activation="tanh")(inp))
+    keras.Model(inp, keras.layers.Dense(100)(h)).save(tmp_path / "hundred.keras")
+    np.save(tmp_path / "x.npy", np.ones((1, 8, 8, 1), np.float32))
+    updates = []
+    real = _progress.Progress.update
+
+    def spy(self, n=1):
+        updates.append((self.done + n, self.total))
+        return real(self, n)
+
+    monkeypatch.setattr(_progress.Progress, "update", spy)
+    code, out, err = run(capsys, "info", tmp_path / "hundred.keras", "--sample", tmp_path / "x.npy")
+    assert code == 0, err
+    assert len(updates) >= 2 and updates[-1] == (100, 100)  # several steps, not one at the end
+    assert "the 20 of 100 outputs with the largest gradient" in out

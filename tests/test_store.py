@@ -617,3 +617,18 @@ def test_progress_moves_within_a_batch():
     assert bars == sorted(bars) and bars[-1] > bars[0]  # the bar moves before the batch ends
     assert all(line.startswith("0/4") for line in lines)  # while no input is finished yet
     assert "ETA" in lines[-1]
+
+
+def test_npy_stream_file_follows_the_umask(tmp_path):
+    old = os.umask(0o077)
+    try:
+        path = _store.write_npy_stream(tmp_path / "J.npy", _blocks([]))
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    old = os.umask(0o022)
+    try:
+        path = _store.write_npy_stream(tmp_path / "J.npy", _blocks([]), overwrite=True)
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o644
