@@ -72,7 +72,7 @@ def resolve_strategy(model, batch: Batch, config: BatchConfig) -> str:
     :func:`set_strategy`."""
     if config.strategy is not None and config.strategy != "auto":
         return config.strategy
-    x, _ = _imageio.load_batch(batch.items, config.input_shape, config.spec)
+    x, _ = _imageio.load_batch(batch.items, config.input_shape, config.spec, payload=batch.payload)
     outputs = list(config.outputs) if config.outputs is not None else None
     return resolve_strategy_for_x(
         model, x, outputs=outputs, top_k=config.top_k, max_memory=config.max_memory
@@ -255,8 +255,14 @@ def compute_batch(
     """
     start = time.monotonic()
     items = batch.items
-    fingerprints = _imageio.fingerprints(items, config.input_shape)  # before reading: safe side
-    x, displays = _imageio.load_batch(items, config.input_shape, config.spec)
+    if batch.payload is None:  # the files, where the batch is computed
+        fingerprints = _imageio.fingerprints(items, config.input_shape)  # before: safe side
+        x, displays = _imageio.load_batch(items, config.input_shape, config.spec)
+    else:  # their content, read by the driver (workers without its file system)
+        fingerprints = _imageio.fingerprints(items, config.input_shape, batch.payload)
+        x, displays = _imageio.load_batch(
+            items, config.input_shape, config.spec, payload=batch.payload
+        )
     if config.strategy is None or config.strategy == "auto":  # the run's first batch
         outputs = list(config.outputs) if config.outputs is not None else None
         strategy = resolve_strategy_for_x(

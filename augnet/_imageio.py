@@ -408,11 +408,13 @@ class ImageSpec:
         return cls(int(height), int(width), channels, preprocess, resize, crop)
 
 
-def _open_image(path: Path):
+def _open_image(path: Path, data: bytes | None = None):
+    import io
+
     from PIL import Image, UnidentifiedImageError
 
     try:
-        img = Image.open(path)
+        img = Image.open(io.BytesIO(data) if data is not None else path)
         img.load()
     except FileNotFoundError:
         raise InputReadError(f"image '{path}' does not exist") from None
@@ -478,12 +480,16 @@ def preprocess_pixels(pixels: np.ndarray, preprocess: str) -> np.ndarray:
     )
 
 
-def load_image(path: str | os.PathLike[str], spec: ImageSpec) -> tuple[np.ndarray, np.ndarray]:
+def load_image(
+    path: str | os.PathLike[str], spec: ImageSpec, data: bytes | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """Read one image file as one model input.
 
     Args:
         path: an image file.
         spec: how to convert it (:class:`ImageSpec`).
+        data: the file's content, already read (e.g. shipped to a worker that cannot see
+            ``path``); ``path`` then only names it in messages.
 
     Returns:
         ``(x, display)``: ``x`` float32 of shape ``spec.input_shape``, preprocessed; ``display``
@@ -503,7 +509,7 @@ def load_image(path: str | os.PathLike[str], spec: ImageSpec) -> tuple[np.ndarra
     from PIL import Image
 
     path = Path(path)
-    with _open_image(path) as opened:
+    with _open_image(path, data) as opened:
         img = _to_mode(opened, spec.channels)
         if spec.crop == "center":
             img = _center_crop(img, spec.height, spec.width)
@@ -569,8 +575,22 @@ def load_array_rows(
         raise InputReadError(f"cannot read array '{path}': {exc}") from None
 
 
+def _payload_row(it: InputItem, data, input_shape) -> np.ndarray:
+    row = np.asarray(data)
+    if not (np.issubdtype(row.dtype, np.number) or row.dtype == bool):
+        raise InputReadError(f"cannot read array '{it.path}': expected a numeric array")
+    if not _shape_matches(row.shape, tuple(input_shape)):
+        raise InputFitError(
+            f"array '{it.path}' row {it.row} has shape {_fmt_shape(row.shape)} but the model "
+            f"takes inputs of shape {_fmt_shape(('batch',) + tuple(input_shape))}"
+        )
+    return np.asarray(row, dtype=np.float32)
+
+
 def fingerprints(
-    items: Sequence[InputItem], input_shape: Sequence[int | None] | None = None
+    items: Sequence[InputItem],
+    input_shape: Sequence[int | None] | None = None,
+    payload: Sequence[bytes | np.ndarray] | None = None,
 ) -> list[str]:
     """Content fingerprints of inputs (``"b2:<hex>"``, BLAKE2b-128): of the file's bytes for an
     image, of the row's bytes (with its dtype and shape) for a row of a ``.npy`` array.
@@ -582,6 +602,15 @@ def fingerprints(
     """
     from augnet._safeio import hash_bytes, hash_file
 
+    if payload is not None:  # the same digests, of content read elsewhere
+        digests = []
+        for data in payload:
+            if isinstance(data, bytes | bytearray | memoryview):
+                digests.append(hash_bytes(bytes(data)))
+            else:
+                row = np.ascontiguousarray(data)
+                digests.append(hash_bytes(f"{row.dtype.str}{row.shape}".encode(), row.tobytes()))
+        return digests
     arrays: dict[Path, np.ndarray] = {}
     out = []
     for it in items:
@@ -625,10 +654,41 @@ def array_display(x: np.ndarray) -> np.ndarray | None:
     return np.rint((x - lo) * (255.0 / (hi - lo))).astype(np.uint8)
 
 
+def read_payload(
+    items: Sequence[InputItem], input_shape: Sequence[int | None] | None = None
+) -> tuple[bytes | np.ndarray, ...]:
+    """The content of each input as read from disk: an image file's bytes, or an array row
+    (its stored dtype and shape), one per item. For a worker that cannot see the files: ship
+    this with the batch and pass it to :func:`load_batch` and :func:`fingerprints`.
+
+    Raises:
+        InputReadError: a file that cannot be read.
+    """
+    arrays: dict[Path, np.ndarray] = {}
+    out: list[bytes | np.ndarray] = []
+    for it in items:
+        try:
+            if it.row is None:
+                out.append(it.path.read_bytes())
+                continue
+            arr = arrays.get(it.path)
+            if arr is None:
+                arr = np.load(it.path, mmap_mode="r", allow_pickle=False)
+                if input_shape is not None and _shape_matches(arr.shape, tuple(input_shape)):
+                    arr = arr[None]
+                arrays[it.path] = arr
+            out.append(np.array(arr[it.row]))
+        except (OSError, ValueError, IndexError) as exc:
+            reason = getattr(exc, "strerror", None) or str(exc)
+            raise InputReadError(f"cannot read input '{it.path}': {reason}") from None
+    return tuple(out)
+
+
 def load_batch(
     items: Sequence[InputItem],
     input_shape: Sequence[int | None],
     spec: ImageSpec | None,
+    payload: Sequence[bytes | np.ndarray] | None = None,
 ) -> tuple[np.ndarray, list[np.ndarray | None]]:
     """Read a batch of inputs (images and/or array rows) into one array.
 
@@ -637,6 +697,8 @@ def load_batch(
         input_shape: the model's input shape without the batch axis.
         spec: how to read image files; ``None`` if the model input is not image-shaped (then only
             ``.npy`` inputs are accepted).
+        payload: the inputs' content already read (:func:`read_payload`), one per item; the files
+            are then not opened.
 
     Returns:
         ``(x, displays)``: float32 ``(len(items), *input_shape)`` and one display picture (or
@@ -647,16 +709,23 @@ def load_batch(
     """
     arrays: list[np.ndarray] = []
     displays: list[np.ndarray | None] = []
-    by_file: dict[Path, list[int]] = {}
-    for it in items:
-        if it.row is not None:
-            by_file.setdefault(it.path, []).append(it.row)
     rows: dict[tuple[Path, int], np.ndarray] = {}
-    for path, wanted in by_file.items():
-        block = load_array_rows(path, wanted, input_shape)
-        for r, x in zip(wanted, block, strict=True):
-            rows[(path, r)] = x
-    for it in items:
+    if payload is None:
+        by_file: dict[Path, list[int]] = {}
+        for it in items:
+            if it.row is not None:
+                by_file.setdefault(it.path, []).append(it.row)
+        for path, wanted in by_file.items():
+            block = load_array_rows(path, wanted, input_shape)
+            for r, x in zip(wanted, block, strict=True):
+                rows[(path, r)] = x
+    else:
+        if len(payload) != len(items):
+            raise ValueError(f"payload has {len(payload)} entries for {len(items)} inputs")
+        for it, data in zip(items, payload, strict=True):
+            if it.row is not None:
+                rows[(it.path, it.row)] = _payload_row(it, data, input_shape)
+    for i, it in enumerate(items):
         if it.row is not None:
             x = rows[(it.path, it.row)]
             display = array_display(x)
@@ -666,7 +735,7 @@ def load_batch(
                     f"cannot use image '{it.path}': the model input shape "
                     f"{_fmt_shape(('batch',) + tuple(input_shape))} is not an image; pass a .npy array"
                 )
-            x, display = load_image(it.path, spec)
+            x, display = load_image(it.path, spec, None if payload is None else payload[i])
         arrays.append(x)
         displays.append(display)
     shapes = {a.shape for a in arrays}

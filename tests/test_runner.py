@@ -138,6 +138,30 @@ def test_batches_computed_anywhere_in_any_order_give_the_same_files(tiny_model, 
     assert not (out / _safeio.LOCK_NAME).exists()
 
 
+def test_a_worker_without_the_files_computes_the_same_batch(tiny_model, images, tmp_path):
+    """Inputs shipped with the batch (image bytes, .npy rows) give the same result, fingerprints
+    included, as reading the files where the batch is computed."""
+    rows = np.random.default_rng(5).normal(size=(3, 16, 16, 1)).astype(np.float64)
+    np.save(images / "rows.npy", rows)
+    model = _runner.load_model(tiny_model)
+    plan, _ = _runner.plan_run(
+        _options(tiny_model, images, tmp_path / "out", batch_size=10, contact_sheet=True),
+        model=model,
+    )
+    plan.close()
+    (batch,) = plan.todo
+    assert sorted(it.key for it in batch.items)[:2] == ["img0.png", "img1.png"]
+    assert "rows.npy[2]" in [it.key for it in batch.items]
+    from_files = _runner.compute_batch(model, batch, plan.config)
+    shipped = pickle.loads(pickle.dumps(_runner.with_payload(batch, plan.config)))
+    shutil.move(images, tmp_path / "elsewhere")  # the worker cannot see them
+    remote = _runner.compute_batch(model, shipped, plan.config)
+    assert [i.fingerprint for i in remote.inputs] == [i.fingerprint for i in from_files.inputs]
+    assert [i.summary for i in remote.inputs] == [i.summary for i in from_files.inputs]
+    assert [i.files for i in remote.inputs] == [i.files for i in from_files.inputs]
+    np.testing.assert_array_equal(remote.jacobian, from_files.jacobian)
+
+
 def test_auto_strategy_is_resolved_once_and_kept(tiny_model, images, tmp_path, monkeypatch):
     model = _runner.load_model(tiny_model)
     plan, _ = _runner.plan_run(
