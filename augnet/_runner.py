@@ -659,8 +659,18 @@ class StopFlag:
         self._previous.clear()
 
 
-def run_plan(plan: Plan, model, *, quiet: bool = False, stream=None) -> RunStats:
+def run_plan(
+    plan: Plan,
+    model,
+    *,
+    quiet: bool = False,
+    stream=None,
+    on_commit: Callable[[Plan, BatchResult], None] | None = None,
+) -> RunStats:
     """The one-process scheduler: compute and commit every batch of ``plan`` in order.
+
+    ``on_commit(plan, result)`` runs after each committed batch (e.g. to bring a report page up
+    to date from ``summary.jsonl``); an error there stops the run like any other.
 
     A signal (Ctrl-C, ``kill``) stops the run after cleaning up: every committed batch is kept,
     the batch in progress leaves nothing; ``stats.interrupted`` says which signal. Any other
@@ -688,7 +698,9 @@ def run_plan(plan: Plan, model, *, quiet: bool = False, stream=None) -> RunStats
                     with stop.deferred():
                         if plan.config.strategy is None:
                             set_strategy(plan, result.strategy)
-                        commit_batch(plan.store, result)
+                        written = commit_batch(plan.store, result)
+                    if written and on_commit is not None:
+                        on_commit(plan, result)
                     bar.advance(len(batch.items) - (bar.work - before))
                     bar.update(len(batch.items))
                     stats.computed += len(batch.items)

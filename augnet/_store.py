@@ -63,9 +63,10 @@ BATCH_DIR = "batches"
 SHARD_DIR = "jacobians"
 SUMMARY_FILE = "summary.jsonl"
 REPORT_FILE = "index.html"  # written beside the results by the report (augnet._html)
+REPORT_DIR = "index_files"  # the report's data
 LOCK_FILE = _safeio.LOCK_NAME
 # no input may take these names for its folder
-RESERVED_NAMES = (RUN_FILE, BATCH_DIR, SHARD_DIR, SUMMARY_FILE, REPORT_FILE)
+RESERVED_NAMES = (RUN_FILE, BATCH_DIR, SHARD_DIR, SUMMARY_FILE, REPORT_FILE, REPORT_DIR)
 STORE_FORMAT = 2
 _PENDING = ".pending"
 
@@ -501,7 +502,7 @@ class RunStore:
                         f"'{self.out_dir / name}' already exists; pass --overwrite to replace it "
                         "or choose another --out"
                     )
-            for name in (SUMMARY_FILE, SHARD_DIR, BATCH_DIR, REPORT_FILE):
+            for name in (SUMMARY_FILE, SHARD_DIR, BATCH_DIR, REPORT_FILE, REPORT_DIR):
                 if self._nonempty(name):
                     raise ExistingResultsError(
                         f"'{self.out_dir / name}' already exists and augnet did not write it; "

@@ -162,6 +162,19 @@ def test_a_worker_without_the_files_computes_the_same_batch(tiny_model, images, 
     np.testing.assert_array_equal(remote.jacobian, from_files.jacobian)
 
 
+def test_on_commit_runs_after_each_batch(tiny_model, images, tmp_path):
+    model = _runner.load_model(tiny_model)
+    plan, _ = _runner.plan_run(_options(tiny_model, images, tmp_path / "out"), model=model)
+    seen = []
+
+    def after(plan, result):
+        lines = (plan.out / "summary.jsonl").read_text().splitlines()
+        seen.append((result.batch_id, len(lines)))  # the summary already has the batch
+
+    _runner.run_plan(plan, model, quiet=True, on_commit=after)
+    assert seen == [(0, 2), (1, 4), (2, 6), (3, 7)]
+
+
 def test_auto_strategy_is_resolved_once_and_kept(tiny_model, images, tmp_path, monkeypatch):
     model = _runner.load_model(tiny_model)
     plan, _ = _runner.plan_run(
