@@ -10,10 +10,12 @@
 inside the command functions. User errors (a missing model, a corrupt image, an output index out
 of range, a folder that cannot be written, a full disk, ...) print one line,
 ``augnet: error: ...``, on stderr and exit with code 2; ``--debug`` shows the traceback instead.
-Ctrl-C exits with code 130 and keeps every finished batch (continue with ``--resume``).
+Argument errors are one line too, with a pointer to ``--help``. Ctrl-C exits with code 130 and
+``kill`` (SIGTERM) with 143, both keeping every finished batch (continue with ``--resume``).
 
-The output folder's layout, the resume design and the atomic writes are described in
-``augnet/_store.py``; how images become model inputs in ``augnet/_imageio.py``.
+This module only parses arguments and reports; the data-set run is ``augnet/_runner.py``, the
+output folder's layout, ownership and resume ``augnet/_store.py``, how images become model
+inputs ``augnet/_imageio.py``.
 """
 
 from __future__ import annotations
@@ -24,40 +26,34 @@ import errno
 import logging
 import math
 import os
+import signal
 import sys
-import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
 
 PROG = "augnet"
 DEFAULT_OUT = "jacobian_results"
 DEFAULT_BATCH_SIZE = 32
-ALL_OUTPUTS_UP_TO = 16  # models with more outputs default to --top-k DEFAULT_TOP_K
+ALL_OUTPUTS_UP_TO = 16  # models with more outputs default to --top-k DEFAULT_TOP_K (as _runner)
 DEFAULT_TOP_K = 5
-TOP_INPUTS = 5  # most sensitive input elements listed per output in summary.jsonl
 FORMATS = ("png", "npy")
-CONTACT_SHEET = "contact_sheet.png"
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
+EXIT_SIGTERM = 143
 
 logger = logging.getLogger(__name__)
-
-# Layer classes whose output does not depend differentiably on their input.
-NON_DIFFERENTIABLE_LAYERS = {
-    "Embedding": "integer lookup",
-    "StringLookup": "string lookup",
-    "IntegerLookup": "integer lookup",
-    "Discretization": "bucketises values (piecewise constant)",
-    "Hashing": "hashes values",
-    "HashedCrossing": "hashes values",
-    "CategoryEncoding": "one-hot/multi-hot encoding of integers",
-    "TextVectorization": "string processing",
-}
 
 
 class UsageError(Exception):
     """A user error: reported as one line on stderr, exit code 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, with its errors as ONE line (and a pointer to ``--help``), exit code 2."""
+
+    def error(self, message: str):
+        command = self.prog if self.prog.startswith(PROG) else PROG
+        self.exit(EXIT_USAGE, f"{PROG}: error: {_one_line(message)}; see '{command} --help'\n")
 
 
 # --------------------------------------------------------------------------------------------
@@ -193,7 +189,7 @@ def parse_memory(text: str) -> int:
 
 
 def _common_parser() -> argparse.ArgumentParser:
-    common = argparse.ArgumentParser(add_help=False)
+    common = _Parser(add_help=False)
     common.add_argument(
         "--debug",
         action="store_true",
@@ -204,7 +200,7 @@ def _common_parser() -> argparse.ArgumentParser:
 
 def _job_parser() -> argparse.ArgumentParser:
     """Options shared by `jacobian` and `demo`: what to write and how."""
-    p = argparse.ArgumentParser(add_help=False)
+    p = _Parser(add_help=False)
     g = p.add_argument_group("what to write")
     g.add_argument(
         "--out",
@@ -276,7 +272,23 @@ def _job_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--overlay",
         action="store_true",
-        help="blend each map over the input image",
+        help="blend each map over the input image (per-output PNGs and contact sheet)",
+    )
+    g.add_argument(
+        "--per-map-scale",
+        dest="scale",
+        action="store_const",
+        const="per-map",
+        default="shared",
+        help="scale each map by its own --percentile of |J| (default: all maps of an input on "
+        "one scale, the contact sheet's, so that colours compare between outputs); each PNG's "
+        "colour bar gives its scale in real units either way",
+    )
+    g.add_argument(
+        "--no-colorbar",
+        dest="colorbar",
+        action="store_false",
+        help="per-output PNGs without the colour bar under the map (the bare map)",
     )
     g.add_argument(
         "--alpha",
@@ -314,7 +326,7 @@ def _job_parser() -> argparse.ArgumentParser:
 
 def _input_parser() -> argparse.ArgumentParser:
     """Options of `jacobian`: which outputs and how images become inputs."""
-    p = argparse.ArgumentParser(add_help=False)
+    p = _Parser(add_help=False)
     g = p.add_argument_group("which outputs")
     ex = g.add_mutually_exclusive_group()
     ex.add_argument(
@@ -371,12 +383,12 @@ def _input_parser() -> argparse.ArgumentParser:
 
 
 def _model_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(add_help=False)
+    p = _Parser(add_help=False)
     p.add_argument(
         "--unsafe",
         action="store_true",
-        help="load with Keras safe_mode=False (allows code in Lambda layers); "
-        "only for files you trust",
+        help="allow code in the model: Lambda layers (Keras safe_mode=False) and SavedModel "
+        "folders, whose TensorFlow graph can do anything; only for models you trust",
     )
     return p
 
@@ -384,7 +396,7 @@ def _model_parser() -> argparse.ArgumentParser:
 def build_parser() -> argparse.ArgumentParser:
     """The ``augnet`` argument parser (standard library only)."""
     common = _common_parser()
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog=PROG,
         description="Exact per-sample Jacobians of trained Keras models, and saliency images.",
         epilog="Run 'augnet COMMAND --help' for the options of a command.",
@@ -438,6 +450,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="image file, folder (its images, sorted), glob pattern, or .npy array of inputs",
     )
     jac.set_defaults(func=cmd_jacobian)
+    parser.commands = {"demo": demo, "info": info, "jacobian": jac}
     return parser
 
 
@@ -529,10 +542,20 @@ def _import_tensorflow(debug: bool = False):
 
 
 def load_model(path: str, *, unsafe: bool = False, debug: bool = False):
-    """Load a model for the command line, turning every failure into a :class:`UsageError`."""
+    """Load a model for the command line, turning every failure into a :class:`UsageError`.
+
+    The path is checked before TensorFlow is imported: it must exist and be a regular file or a
+    folder (a FIFO would hang the reader, a link to a device would be read without end).
+    """
+    from augnet import _safeio
+
     p = Path(path)
     if not p.exists():
         raise UsageError(f"model file '{path}' does not exist")
+    try:
+        _safeio.check_model_path(p)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
     if p.is_file() and not os.access(p, os.R_OK):
         raise UsageError(f"cannot read model file '{path}': permission denied")
     augnet = _import_tensorflow(debug)
@@ -545,634 +568,131 @@ def load_model(path: str, *, unsafe: bool = False, debug: bool = False):
             raise
         text = _one_line(str(exc))
         hint = ""
-        if "safe_mode" in text or "unsafe" in text.lower():
+        if ("safe_mode" in text or "unsafe" in text.lower()) and "--unsafe" not in text:
             hint = " (pass --unsafe only if you trust this file)"
-        if len(text) > 300:
-            text = text[:297] + "..."
+        if len(text) > 400:
+            text = text[:397] + "..."
         if not text.lower().startswith("cannot load"):
             text = f"cannot load model '{path}': {text}"
         raise UsageError(f"{text}{hint}") from None
 
 
 # --------------------------------------------------------------------------------------------
-# augnet info
+# augnet info (the work is in augnet._info)
 # --------------------------------------------------------------------------------------------
-
-
-def _all_layers(model) -> list:
-    out = []
-    for layer in getattr(model, "layers", []):
-        out.append(layer)
-        if hasattr(layer, "layers") and layer is not model:
-            out.extend(_all_layers(layer))
-    return out
-
-
-def _is_float_dtype(dtype) -> bool:
-    return str(dtype).startswith(("float", "bfloat", "<dtype: 'float"))
-
-
-def differentiability_report(model) -> dict[str, Any]:
-    """Which layers block the gradient from the model's inputs to its outputs.
-
-    Three checks:
-
-    1. input dtypes: integer/bool/string inputs have no derivative;
-    2. layer types that are not differentiable (:data:`NON_DIFFERENTIABLE_LAYERS`);
-    3. a gradient on a test input (batch of 1, fixed random normal values): for every layer of
-       a functional model, is its output connected to the inputs by a differentiable path? A
-       layer whose output is disconnected while one of its inputs is connected has an op
-       without a gradient (``argmax``, ``round``, ``cast`` to int, ``stop_gradient``, ...).
-
-    Returns:
-        ``{"differentiable": True | False | None, "problems": [str, ...], "notes": [str, ...]}``;
-        ``None`` when no problem was found but the gradient check could not run (see ``notes``).
-    """
-    import numpy as np
-
-    from augnet import _backend
-
-    problems: list[str] = []
-    notes: list[str] = []
-    inputs = list(model.inputs)
-    for t in inputs:
-        if not _is_float_dtype(t.dtype):
-            problems.append(
-                f"input '{t.name}' has dtype {t.dtype}: integer/string inputs have no derivative"
-            )
-    for layer in _all_layers(model):
-        why = NON_DIFFERENTIABLE_LAYERS.get(type(layer).__name__)
-        if why:
-            problems.append(f"layer '{layer.name}' ({type(layer).__name__}): {why}")
-
-    float_inputs = [t for t in inputs if _is_float_dtype(t.dtype)]
-    if float_inputs and len(float_inputs) == len(inputs):
-        try:
-            probe_tensors, owners = [], []
-            for layer in model.layers:
-                for node in getattr(layer, "_inbound_nodes", []):
-                    for t in node.output_tensors:
-                        probe_tensors.append(t)
-                        owners.append((layer, node))
-            import keras
-
-            probe = keras.Model(inputs=model.inputs, outputs=probe_tensors)
-            rng = np.random.default_rng(0)
-            xs = [
-                _backend.convert(
-                    rng.standard_normal((1, *[d or 8 for d in t.shape[1:]])), str(t.dtype)
-                )
-                for t in inputs
-            ]
-
-            def run(xs):
-                values = probe(xs if len(xs) > 1 else xs[0], training=False)
-                return list(values) if isinstance(values, list | tuple) else [values]
-
-            _, flags = _backend.connected_outputs(run, xs)  # per probe tensor: a gradient path?
-            connected: dict[int, bool] = {id(t): True for t in inputs}
-            for t, flag in zip(probe_tensors, flags, strict=True):
-                if id(t) not in connected:
-                    connected[id(t)] = flag
-            reported = set()
-            for (layer, node), t in zip(owners, probe_tensors, strict=True):
-                if connected.get(id(t), True) or layer.name in reported:
-                    continue
-                if any(connected.get(id(i), False) for i in node.input_tensors):
-                    reported.add(layer.name)
-                    if not any(f"'{layer.name}'" in p for p in problems):
-                        problems.append(
-                            f"layer '{layer.name}' ({type(layer).__name__}): no gradient flows "
-                            "through it (an op without a gradient, e.g. argmax, round, cast to "
-                            "int or stop_gradient)"
-                        )
-            for t in model.outputs:
-                if not connected.get(id(t), True) and not reported:
-                    problems.append(
-                        f"output '{t.name}' does not depend differentiably on the input"
-                    )
-        except Exception as exc:  # the probe is best effort; say so
-            notes.append(f"gradient check skipped: {_one_line(str(exc))[:200]}")
-    verdict = False if problems else (None if notes else True)
-    return {"differentiable": verdict, "problems": problems, "notes": notes}
-
-
-def _shape_text(shape) -> str:
-    return str(tuple(None if d is None else int(d) for d in shape))
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    model = load_model(args.model, unsafe=args.unsafe, debug=args.debug)
-    import numpy as np
+    """``augnet info``: the model's description, then (``--sample``) its sensitivity there."""
+    from augnet import _info
 
-    lines = [f"model: {args.model}  ({type(model).__name__} '{model.name}')"]
-    lines.append("inputs:")
-    for t in model.inputs:
-        lines.append(f"  {t.name:<24} shape {_shape_text(t.shape):<22} dtype {t.dtype}")
-    lines.append("outputs:")
-    for t in model.outputs:
-        history = getattr(t, "_keras_history", None)
-        name = getattr(getattr(history, "operation", None), "name", None) or t.name
-        n = math.prod(d for d in t.shape[1:] if d is not None) if t.shape[1:] else 1
-        lines.append(
-            f"  {name:<24} shape {_shape_text(t.shape):<22} dtype {t.dtype}  ({n} values per sample)"
-        )
-    top = list(model.layers)
-    every = _all_layers(model)
-    lines.append(
-        f"layers: {len(top)}"
-        + (f" ({len(every)} including nested)" if len(every) != len(top) else "")
-    )
-    trainable = int(sum(np.prod(w.shape) for w in model.trainable_weights))
-    total = int(model.count_params())
-    lines.append(
-        f"parameters: {total:,} ({trainable:,} trainable, {total - trainable:,} non-trainable)"
-    )
-    report = differentiability_report(model)
-    if report["differentiable"]:
-        lines.append("differentiable with respect to the input: yes (every layer)")
-    elif report["differentiable"] is None:
-        lines.append(
-            "differentiable with respect to the input: unknown (no layer of a type known to "
-            "block gradients, but the gradient check could not run)"
-        )
-    else:
-        lines.append("differentiable with respect to the input: NO")
-        lines.extend(f"  - {p}" for p in report["problems"])
-    lines.extend(f"note: {n}" for n in report["notes"])
+    model = load_model(args.model, unsafe=args.unsafe, debug=args.debug)
+    print("\n".join(_info.describe(model, args.model)), flush=True)
     if getattr(args, "sample", None):
-        lines.extend(_sensitivity_lines(model, args.sample))
-    print("\n".join(lines))
+        print("\n".join(_info.sensitivity_lines(model, args.sample)))
     return 0
 
 
-def _sensitivity_lines(model, sample: str) -> list[str]:
-    """The sensitivity summary of ``augnet info --sample``: Jacobian norms at one input."""
-    import numpy as np
-
-    from augnet import _analysis, _imageio
-
-    in_shape, _, out_shape = _single_io(model)
-    items = _imageio.expand_inputs([sample], array_input_shape=in_shape)
-    try:
-        spec = _imageio.ImageSpec.from_input_shape(in_shape)
-    except _imageio.InputFitError:
-        spec = None
-    x, _ = _imageio.load_batch(items[:1], in_shape, spec)
-    J = model.return_jacobian(x)
-    n_out = len(out_shape)
-    norms = _analysis.jacobian_norms(J, output_ndim=n_out)
-    radius = 0.01 * float(np.max(np.abs(x)) or 1.0)
-    lipschitz = _analysis.local_lipschitz(model, x, radius=radius, n_samples=4)
-    lines = [
-        f"sensitivity at {items[0].path}{'' if items[0].row is None else f' (row {items[0].row})'}:",
-        f"  Jacobian {tuple(J.shape[1:])}: Frobenius norm {norms.frobenius[0]:.4g}, "
-        f"spectral norm {norms.spectral[0]:.4g}",
-        f"  local Lipschitz estimate (lower bound, 4 points within radius {radius:.3g}): "
-        f"{float(np.max(lipschitz)):.4g}",
-        "  per output: index, L1 and L2 norm of its gradient",
-    ]
-    l1, l2 = norms.l1[0].reshape(-1), norms.l2[0].reshape(-1)
-    for k in range(min(len(l1), 20)):
-        lines.append(f"    {k:>4}  L1 {l1[k]:.4g}  L2 {l2[k]:.4g}")
-    if len(l1) > 20:
-        lines.append(f"    ... {len(l1) - 20} more outputs")
-    return lines
-
-
 # --------------------------------------------------------------------------------------------
-# augnet jacobian
+# augnet jacobian (the run itself lives in augnet._runner)
 # --------------------------------------------------------------------------------------------
 
 
-def _single_io(model) -> tuple[tuple, str, tuple]:
-    inputs, outputs = list(model.inputs), list(model.outputs)
-    if len(inputs) != 1 or len(outputs) != 1:
-        raise UsageError(
-            f"the model has {len(inputs)} inputs and {len(outputs)} outputs; the command line "
-            "handles models with one input and one output (use augnet.jacobian in Python)"
-        )
-    in_shape = tuple(None if d is None else int(d) for d in inputs[0].shape[1:])
-    out_shape = tuple(None if d is None else int(d) for d in outputs[0].shape[1:])
-    if not _is_float_dtype(inputs[0].dtype):
-        raise UsageError(
-            f"the model's input has dtype {inputs[0].dtype}; integer inputs have no derivative "
-            "(see 'augnet info')"
-        )
-    if any(d is None for d in out_shape):
-        raise UsageError(
-            f"the model's output shape {_shape_text(('batch',) + out_shape)} is not fixed; the "
-            "command line needs a known number of outputs"
-        )
-    return in_shape, str(inputs[0].dtype), out_shape
+def run_options(args: argparse.Namespace, *, command: str = "jacobian"):
+    """The parsed arguments of ``jacobian``/``demo`` as :class:`augnet._runner.RunOptions`."""
+    from augnet import _runner
 
-
-def _selection(args, n_outputs: int) -> tuple[list[int] | None, int | None]:
-    outputs, top_k = args.outputs, args.top_k
-    if outputs is None and top_k is None:
-        if n_outputs <= ALL_OUTPUTS_UP_TO:
-            outputs = list(range(n_outputs))
-        else:
-            top_k = DEFAULT_TOP_K
-    if outputs is not None:
-        bad = [i for i in outputs if i >= n_outputs]
-        if bad:
-            raise UsageError(
-                f"output index {bad[0]} is out of range: the model has {n_outputs} outputs "
-                f"(valid indices 0..{n_outputs - 1})"
-            )
-    if top_k is not None and top_k > n_outputs:
-        raise UsageError(f"--top-k {top_k} is larger than the model's {n_outputs} outputs")
-    return outputs, top_k
-
-
-def summarize(
-    key: str, name: str, outputs, predictions, jacobian, files: Sequence[str]
-) -> dict[str, Any]:
-    """One line of summary.jsonl for one input.
-
-    Args:
-        key: the input (its path, plus ``[row]`` for a row of a ``.npy`` array).
-        name: its output folder's name.
-        outputs: ``(k,)`` the selected output indices.
-        predictions: ``(k,)`` the model's values for those outputs.
-        jacobian: ``(k, *input_shape)``.
-        files: the files written for it, relative to the output folder.
-
-    Returns:
-        ``{"input", "name", "outputs", "predictions", "jacobian_l2", "jacobian_max_abs",
-        "top_inputs", "files"}``: per output, the Jacobian's L2 (Frobenius) norm and largest
-        ``|J|``, and the ``TOP_INPUTS`` input elements with the largest ``|J|`` as
-        ``{"index": [row, col, channel], "value": signed J}``, largest first.
-    """
-    import numpy as np
-
-    j = np.asarray(jacobian, dtype=np.float64)
-    flat = j.reshape(len(j), -1)
-    mag = np.abs(flat)
-    n = min(TOP_INPUTS, flat.shape[1])
-    # largest |J| first, ties by position: deterministic
-    top = np.argsort(-mag, axis=1, kind="stable")[:, :n] if n else np.zeros((len(j), 0), int)
-    shape = j.shape[1:]
-    return {
-        "input": key,
-        "name": name,
-        "outputs": [int(o) for o in outputs],
-        "predictions": [float(p) for p in predictions],
-        "jacobian_l2": np.sqrt(np.sum(flat * flat, axis=1)).tolist(),
-        "jacobian_max_abs": (mag.max(axis=1) if n else np.zeros(len(j))).tolist(),
-        "top_inputs": [
-            [
-                {"index": [int(v) for v in np.unravel_index(i, shape)], "value": float(row[i])}
-                for i in order
-            ]
-            for row, order in zip(flat, top, strict=True)
-        ],
-        "files": list(files),
-    }
-
-
-def _upscale(rgb, side: int):
-    import numpy as np
-
-    factor = max(1, math.ceil(side / max(rgb.shape[:2])))
-    if factor > 1:
-        rgb = np.repeat(np.repeat(rgb, factor, axis=0), factor, axis=1)
-    return rgb
-
-
-def resolve_strategy(model, x, *, outputs, top_k, max_memory) -> str:
-    """The strategy ``strategy="auto"`` picks for batch ``x`` (by rule, or by timing the candidates).
-
-    The engine's choice can depend on timings, and strategies differ in the last bits of the
-    result; the command line therefore resolves it once, on the first batch, and passes it
-    explicitly to every batch of the run and of its ``--resume``.
-    """
-    from augnet import _engine
-
-    return _engine.resolve_strategy(
-        model, x, outputs=outputs, top_k=top_k, strategy="auto", max_memory=max_memory
+    return _runner.RunOptions(
+        model=args.model,
+        inputs=tuple(str(i) for i in args.inputs),
+        out=str(args.out),
+        outputs=tuple(args.outputs) if args.outputs is not None else None,
+        top_k=args.top_k,
+        formats=tuple(args.format),
+        contact_sheet=bool(args.contact_sheet),
+        mode=args.mode,
+        cmap=args.cmap,
+        percentile=args.percentile,
+        reduce=args.reduce,
+        overlay=bool(args.overlay),
+        alpha=args.alpha,
+        scale=args.scale,
+        colorbar=bool(args.colorbar),
+        preprocess=args.preprocess,
+        resize=args.resize,
+        crop=args.crop,
+        size=tuple(args.size) if args.size else None,
+        batch_size=args.batch_size,
+        max_memory=args.max_memory,
+        strategy=args.strategy,
+        resume=bool(args.resume),
+        overwrite=bool(args.overwrite),
+        unsafe=bool(getattr(args, "unsafe", False)),
+        command=command,
+        command_line=" ".join([PROG, *(sys.argv[1:] if sys.argv else [])])[:300],
     )
 
 
-class Job:
-    """A ``jacobian`` run: the settings, the model, the inputs; :meth:`run` does the work.
+def _run(args: argparse.Namespace, options) -> int:
+    """Plan and run, and report the outcome (one line for an error or an interruption)."""
+    from augnet import _runner
 
-    Split out of :func:`cmd_jacobian` so that tests (and ``demo``) can drive it in-process.
-    """
+    def load(opts):
+        return load_model(opts.model, unsafe=opts.unsafe, debug=args.debug)
 
-    def __init__(self, args: argparse.Namespace, *, model=None):
-        self.args = args
-        self.model = model
-        self.strategy = None if args.strategy == "auto" else args.strategy
-
-    # -- setup -----------------------------------------------------------------------------
-
-    def prepare(self) -> None:
-        from augnet import _imageio, _store
-
-        a = self.args
-        self.out = Path(a.out)
-        self.formats = tuple(a.format)
-        store = _store.RunStore(self.out)
-        # Cheap checks first, before TensorFlow is imported.
-        if store.out_dir.is_dir() and store.has_results() and not (a.resume or a.overwrite):
-            raise UsageError(
-                f"'{self.out}' already holds results; pass --resume to continue that run or "
-                "--overwrite to replace it"
-            )
-        # every input exists, checked before loading the model (and TensorFlow)
-        items = _imageio.expand_inputs(a.inputs, reserved=_store.RESERVED_NAMES)
-        if self.model is None:
-            self.model = load_model(a.model, unsafe=getattr(a, "unsafe", False), debug=a.debug)
-        in_shape, in_dtype, out_shape = _single_io(self.model)
-        self.in_shape, self.in_dtype = in_shape, in_dtype
-        self.n_outputs = math.prod(out_shape) if out_shape else 1
-        self.outputs, self.top_k = _selection(a, self.n_outputs)
-        self.k = len(self.outputs) if self.outputs is not None else self.top_k
-        self.digits = max(2, len(str(self.n_outputs - 1)))
-
-        if any(it.is_array for it in items):  # a .npy of exactly input_shape is one sample
-            items = _imageio.expand_inputs(
-                a.inputs, array_input_shape=in_shape, reserved=_store.RESERVED_NAMES
-            )
-        self.items = items
-        try:
-            self.spec = _imageio.ImageSpec.from_input_shape(
-                in_shape, size=a.size, preprocess=a.preprocess, resize=a.resize, crop=a.crop
-            )
-        except _imageio.InputFitError:
-            if any(not it.is_array for it in self.items):
-                raise
-            self.spec = None
-        if self.spec is not None:
-            self.in_shape = tuple(
-                s if s is not None else d
-                for s, d in zip(in_shape, self.spec.input_shape, strict=True)
-            )
-        if "png" in self.formats:
-            if len(self.in_shape) not in (2, 3):
-                raise UsageError(
-                    f"saliency pictures need an image-shaped input (height, width[, channels]), "
-                    f"but the model takes {_shape_text(('batch',) + self.in_shape)}; use --format npy"
-                )
-            if a.contact_sheet and self.k > 100:
-                raise UsageError(
-                    f"a contact sheet shows at most 100 outputs, {self.k} are selected; select "
-                    "fewer with --outputs/--top-k, or pass --no-contact-sheet"
-                )
-        self.store = store
-        self.settings = self._settings()
-        self.done = store.prepare(
-            self.settings,
-            resume=a.resume,
-            overwrite=a.overwrite,
-            planned_paths=[self.out / it.name for it in self.items]
-            if "png" in self.formats
-            else (),
-        )
-
-    def _settings(self) -> dict[str, Any]:
-        a = self.args
-        model_path = Path(a.model) if a.model else None
-        model = None
-        if model_path is not None and model_path.exists():
-            st = model_path.stat()
-            model = {
-                "path": str(model_path.resolve()),
-                "size": st.st_size,
-                "mtime_ns": st.st_mtime_ns,
-            }
-        return {
-            "model": model,
-            "outputs": self.outputs,
-            "top_k": self.top_k,
-            "input_shape": list(self.in_shape),
-            "preprocess": a.preprocess,
-            "resize": a.resize,
-            "crop": a.crop,
-            "size": list(a.size) if a.size else None,
-            "format": list(self.formats),
-            "contact_sheet": bool(a.contact_sheet),
-            "mode": a.mode,
-            "cmap": a.cmap,
-            "percentile": a.percentile,
-            "reduce": a.reduce,
-            "overlay": bool(a.overlay),
-            "alpha": a.alpha,
-            "batch_size": a.batch_size,
-            "max_memory": a.max_memory,
-            "strategy": a.strategy,
-        }
-
-    # -- work ------------------------------------------------------------------------------
-
-    def compute(self, x):
-        """Predictions ``(b, n_outputs)``, selected output indices ``(b, k)`` and the Jacobian
-        ``(b, k, *input_shape)`` (float32) of one batch."""
-        import numpy as np
-
-        import augnet
-
-        a = self.args
-        if self.strategy is None:
-            self.strategy = self.store.resolved.get("strategy") or resolve_strategy(
-                self.model, x, outputs=self.outputs, top_k=self.top_k, max_memory=a.max_memory
-            )
-            self.store.resolved["strategy"] = self.strategy
-        preds = np.asarray(self.model(x, training=False)).reshape(len(x), -1)
-        result = augnet.jacobian(
-            self.model,
-            x,
-            outputs=self.outputs,
-            top_k=self.top_k,
-            max_memory=a.max_memory,
-            strategy=self.strategy,
-        )
-        if self.top_k is not None:
-            jac, idx = result.jacobian, np.asarray(result.indices)
-        else:
-            jac = result
-            idx = np.broadcast_to(np.asarray(self.outputs, dtype=np.int64), (len(x), self.k))
-        jac = np.asarray(jac, dtype=np.float32).reshape(len(x), self.k, *x.shape[1:])
-        return preds, idx, jac
-
-    def _write_pictures(self, batch, item, display, jac, idx, preds) -> list[str]:
-        import augnet._render as render
-        from augnet import _store
-
-        a = self.args
-        folder = self.out / item.name
-        _store.remove_temp_files(folder)  # left by a process killed while writing here
-        files: list[str] = []
-        for j, k in enumerate(idx):
-            rgb = render.render_saliency(
-                jac[j],
-                mode=a.mode,
-                cmap=a.cmap,
-                percentile=a.percentile,
-                reduce=a.reduce,
-                image=display if a.overlay else None,
-                alpha=a.alpha,
-            )
-            path = folder / f"output_{int(k):0{self.digits}d}.png"
-            batch.save_png(path, _upscale(rgb, render.AUTO_UPSCALE_MIN_SIDE))
-            files.append(path.relative_to(self.out).as_posix())
-        if a.contact_sheet:
-            from augnet import _report
-
-            path = batch.adopt(folder / CONTACT_SHEET)  # written atomically by _report
-            _report.contact_sheet(
-                path,
-                image=display,
-                jacobian=jac,
-                output_indices=[int(k) for k in idx],
-                predictions=[float(p) for p in preds],
-                mode=a.mode,
-                cmap=a.cmap,
-                percentile=a.percentile,
-                reduce=a.reduce,
-                title=item.name,
-                overwrite=True,
-            )
-            files.append(path.relative_to(self.out).as_posix())
-        return files
-
-    def batches(self, todo) -> Iterator[tuple[list, Any, list]]:
-        """Read the inputs lazily, ``batch_size`` at a time."""
-        from augnet import _imageio
-
-        size = self.args.batch_size
-        for start in range(0, len(todo), size):
-            chunk = todo[start : start + size]
-            x, displays = _imageio.load_batch(chunk, self.in_shape, self.spec)
-            yield chunk, x, displays
-
-    def run(self) -> dict[str, Any]:
-        from augnet import _store
-        from augnet._progress import Progress
-
-        a = self.args
-        todo, fps = [], {}
-        for it in self.items:
-            fp = _store.fingerprint(it.path, it.row)
-            if self.store.is_done(it.key, fp):
-                continue
-            fps[it.key] = fp
-            todo.append(it)
-        skipped = len(self.items) - len(todo)
-        self.finished = 0
-        started = time.monotonic()
-        with Progress(len(todo), enabled=not a.quiet, skipped=skipped) as bar:
-            for chunk, x, displays in self.batches(todo):
-                preds, idx, jac = self.compute(x)
-                with self.store.batch() as batch:
-                    entries = []
-                    for i, it in enumerate(chunk):
-                        sel_preds = preds[i][idx[i]]
-                        files = []
-                        if "png" in self.formats:
-                            files = self._write_pictures(
-                                batch, it, displays[i], jac[i], idx[i], sel_preds
-                            )
-                        entries.append(
-                            {
-                                **fps[it.key],
-                                "key": it.key,
-                                "name": it.name,
-                                "outputs": [int(v) for v in idx[i]],
-                                "files": files,
-                                "summary": summarize(
-                                    it.key, it.name, idx[i], sel_preds, jac[i], files
-                                ),
-                            }
-                        )
-                    batch.commit(entries, jacobian=jac if "npy" in self.formats else None)
-                self.finished += len(chunk)
-                bar.update(len(chunk))
-        self.store.write_summary([it.key for it in self.items])
-        return {
-            "inputs": len(self.items),
-            "computed": len(todo),
-            "skipped": skipped,
-            "seconds": time.monotonic() - started,
-        }
-
-
-def _namespace_defaults(**overrides) -> argparse.Namespace:
-    parser = build_parser()
-    args = parser.parse_args(["jacobian", "MODEL", "INPUT"])
-    for k, v in overrides.items():
-        setattr(args, k, v)
-    return args
-
-
-@contextlib.contextmanager
-def _sigterm_as_interrupt() -> Iterator[None]:
-    """``kill PID`` (SIGTERM) stops a run like Ctrl-C: the current batch is cleaned up."""
-    import signal
-    import threading
-
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def handler(signum, frame):
-        raise KeyboardInterrupt
-
-    previous = signal.signal(signal.SIGTERM, handler)
+    plan, model = _runner.plan_run(options, load=load)
+    if args.debug:
+        logger.debug("plan: %d inputs, %d batches to do", len(plan.items), len(plan.todo))
     try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
-def _run_job(args: argparse.Namespace, *, model=None) -> int:
-    job = Job(args, model=model)
-    job.prepare()
-    try:
-        with _sigterm_as_interrupt():
-            stats = job.run()
+        stats = _runner.run_plan(plan, model, quiet=args.quiet)
     except BaseException as exc:
-        if job.store.has_results():
-            with contextlib.suppress(Exception):
-                job.store.write_summary([it.key for it in job.items])
-        else:
-            job.store.remove_if_empty()
-        if isinstance(exc, KeyboardInterrupt):
-            print(
-                f"{PROG}: interrupted; {job.finished} input(s) finished in this run are kept in "
-                f"'{job.out}'; continue with --resume",
-                file=sys.stderr,
-            )
-            return EXIT_INTERRUPTED
+        finished = plan.stats.computed + plan.stats.skipped
         if (
             isinstance(exc, UsageError | ValueError | TypeError | OSError)
-            and job.store.has_results()
+            and finished
             and not (isinstance(exc, OSError) and exc.errno == errno.ENOSPC)
             and not args.debug
         ):
             raise UsageError(
-                f"{describe_error(exc)} (finished inputs are kept in '{job.out}'; "
+                f"{describe_error(exc)} (finished inputs are kept in '{plan.out}'; "
                 "fix the problem and run again with --resume)"
             ) from None
         raise
+    if stats.interrupted is not None:
+        print(f"{PROG}: {_interrupted_text(plan, stats)}", file=sys.stderr)
+        return EXIT_SIGTERM if stats.interrupted == signal.SIGTERM else EXIT_INTERRUPTED
     if not args.quiet:
         what = []
-        if "png" in job.formats:
-            what.append(f"pictures in {job.out}/<input>/")
-        if "npy" in job.formats:
-            what.append(f"raw Jacobians in {job.store.shard_dir}/")
-        skipped = f", {stats['skipped']} already done" if stats["skipped"] else ""
+        if "png" in options.formats:
+            what.append(f"pictures in {plan.out}/<input>/")
+        if "npy" in options.formats:
+            what.append(f"raw Jacobians in {plan.store.shard_dir}/")
+        skipped = f", {stats.skipped} already done" if stats.skipped else ""
         print(
-            f"{PROG}: {stats['computed']} input(s) computed{skipped} in {stats['seconds']:.1f} s; "
-            f"{'; '.join(what)}; summary {job.store.summary_file}"
+            f"{PROG}: {stats.computed} input(s) computed{skipped} in {stats.seconds:.1f} s; "
+            f"{'; '.join(what)}; summary {plan.store.summary_file}"
         )
     return 0
 
 
+def _interrupted_text(plan, stats) -> str:
+    name = "terminated" if stats.interrupted == signal.SIGTERM else "interrupted"
+    if stats.computed == 0 and stats.skipped == 0:
+        if stats.folder_removed or not plan.store.committed:
+            return f"{name} before the first batch finished; nothing was written"
+    if stats.computed == 0:
+        return (
+            f"{name}; no input finished in this run; the {stats.skipped} finished before are "
+            f"kept in '{plan.out}'; continue with --resume"
+        )
+    return (
+        f"{name}; {stats.computed} input(s) finished in this run are kept in '{plan.out}'; "
+        "continue with --resume"
+    )
+
+
 def cmd_jacobian(args: argparse.Namespace) -> int:
-    return _run_job(args)
+    return _run(args, run_options(args))
 
 
 # --------------------------------------------------------------------------------------------
@@ -1181,7 +701,8 @@ def cmd_jacobian(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from augnet import _demo
+    """The main job on the bundled model and sample image (see docs/cli.md)."""
+    from augnet import _demo, _store
 
     model_path = _demo.demo_model_path()
     if not model_path.exists():
@@ -1190,34 +711,20 @@ def cmd_demo(args: argparse.Namespace) -> int:
         sample = _demo.sample_image_path()
     except FileNotFoundError as exc:
         raise UsageError(_one_line(str(exc))) from None
-    job_args = _namespace_defaults(**vars(args))
-    job_args.model = str(model_path)
-    job_args.inputs = [str(sample.parent)]
-    job_args.unsafe = False
+    args.model = str(model_path)
+    args.inputs = [str(sample.parent)]
+    args.unsafe = False
     # As augnet._demo.load_image does: grayscale, centre-cropped to a square, Lanczos, [0, 1].
-    job_args.crop, job_args.resize, job_args.preprocess = "center", "lanczos", "unit"
-    job_args.outputs, job_args.top_k, job_args.size = None, None, None
-    if not (job_args.resume or job_args.overwrite) and _is_demo_run(Path(job_args.out), model_path):
-        # The demo regenerates its own results (the committed jacobian_results/ included); the
-        # store then deletes only the files that earlier demo run listed. Anything else in --out
-        # is still refused without --overwrite.
-        job_args.overwrite = True
-    return _run_job(job_args)
-
-
-def _is_demo_run(out: Path, model_path: Path) -> bool:
-    """True if ``out`` holds the results of an earlier ``augnet demo`` run (by its run.json)."""
-    import json
-
-    from augnet import _store
-
-    try:
-        settings = json.loads((out / _store.RUN_FILE).read_text(encoding="utf-8"))["settings"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return False
-    model = settings.get("model")
-    path = model.get("path", "") if isinstance(model, dict) else str(model or "")
-    return Path(path).name == model_path.name
+    args.crop, args.resize, args.preprocess = "center", "lanczos", "unit"
+    args.outputs, args.top_k, args.size = None, None, None
+    if not (args.resume or args.overwrite):
+        header = _store.read_run_header(args.out)
+        if header is not None and header.get("command") == "demo":
+            # The demo regenerates its own results (the committed jacobian_results/ included):
+            # run.json says an earlier `augnet demo` wrote them, and the store deletes only the
+            # files that run provably wrote. Anything else in --out is refused as usual.
+            args.overwrite = True
+    return _run(args, run_options(args, command="demo"))
 
 
 # --------------------------------------------------------------------------------------------
@@ -1233,12 +740,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         0
     """
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args, extra = parser.parse_known_args(argv)
+        if extra:  # reported by the command's parser, which points to its own --help
+            command = parser.commands.get(getattr(args, "command", None), parser)
+            command.error(f"unrecognized arguments: {' '.join(extra)}")
+    except SystemExit as exc:  # --help, --version, or an argument error (one line, printed)
+        return int(exc.code or 0)
     if getattr(args, "func", None) is None:
         parser.print_help()
         return EXIT_USAGE
     if args.debug:
         logging.basicConfig(level=logging.DEBUG, format=f"{PROG}: %(name)s: %(message)s")
+    handler = None if args.debug else _warnings_once()
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
@@ -1251,3 +765,32 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         _report(describe_error(exc))
         return EXIT_USAGE
+    finally:
+        if handler is not None:
+            logging.getLogger("augnet").removeHandler(handler)
+
+
+class _Once(logging.Filter):
+    """Lets each distinct message through once (a warning per batch becomes one per run)."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen: set[str] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        text = record.getMessage()
+        if text in self.seen:
+            return False
+        self.seen.add(text)
+        return True
+
+
+def _warnings_once() -> logging.Handler:
+    """The library's warnings on stderr as ``augnet: warning: ...``, each once per command."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setLevel(logging.WARNING)
+    handler.setFormatter(logging.Formatter(f"{PROG}: warning: %(message)s"))
+    handler.addFilter(_Once())
+    log = logging.getLogger("augnet")
+    log.addHandler(handler)
+    return handler

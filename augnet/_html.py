@@ -184,8 +184,14 @@ def href(path: str, out_dir: str | os.PathLike[str]) -> str | None:
     return None if rel == "." else _quote(rel)
 
 
-def index_row(entry: Mapping[str, Any], out_dir: str | os.PathLike[str]) -> list | None:
+def index_row(
+    entry: Mapping[str, Any], out_dir: str | os.PathLike[str], input_root: str | None = None
+) -> list | None:
     """One line of ``summary.jsonl`` as a row of the page, or ``None`` if it has no ``input``.
+
+    ``input_root`` (``run.json``'s ``"input_root"``, relative to ``out_dir`` or absolute) is where
+    a relative ``input`` lives: the store keeps inputs relative to it, so that a run's folder and
+    its inputs can move together.
 
     Returns:
         ``[name, input, outputs, predictions, jacobian_l2, jacobian_max_abs, dir, maps, sheet,
@@ -224,7 +230,10 @@ def index_row(entry: Mapping[str, Any], out_dir: str | os.PathLike[str]) -> list
             thumb = url
     if thumb is None and not _ROW_SUFFIX.search(key):
         if os.path.splitext(key)[1].lower() in _BROWSER_IMAGES:
-            thumb = href(key, out_dir)
+            where = key
+            if isinstance(input_root, str) and input_root and not os.path.isabs(key):
+                where = posixpath.join(input_root, key)
+            thumb = href(where, out_dir)
     folder = max(folders, key=folders.get) if folders else ""
     if folder.startswith("file://"):
         folder = ""  # not inside the run's folder: no folder link
@@ -350,7 +359,9 @@ def run_facts(run: Any) -> list[list[str]]:
         return facts
     s = run.get("settings") if isinstance(run.get("settings"), Mapping) else {}
     model = s.get("model")
-    if isinstance(model, Mapping) and isinstance(model.get("path"), str):
+    if isinstance(run.get("model_file"), str) and run["model_file"]:
+        facts.append(["model", os.path.basename(run["model_file"]) or run["model_file"]])
+    elif isinstance(model, Mapping) and isinstance(model.get("path"), str):
         facts.append(["model", os.path.basename(model["path"]) or model["path"]])
     top_k, outputs = s.get("top_k"), s.get("outputs")
     if isinstance(top_k, int) and not isinstance(top_k, bool):
@@ -506,12 +517,12 @@ def _sha(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def _parse(line: bytes, out: str) -> list | None:
+def _parse(line: bytes, out: str, input_root: str | None = None) -> list | None:
     try:
         entry = json.loads(line)
     except ValueError:
         return None
-    return index_row(entry, out) if isinstance(entry, dict) else None
+    return index_row(entry, out, input_root) if isinstance(entry, dict) else None
 
 
 class _Chunks:
@@ -535,7 +546,14 @@ class _Chunks:
         self.chunks.append({"file": name, "hash": digest, "rows": len(rows)})
 
 
-def _sync_chunks(dir_fd: int, afd: int, out: str, state: Mapping | None, rebuild: bool) -> dict:
+def _sync_chunks(
+    dir_fd: int,
+    afd: int,
+    out: str,
+    state: Mapping | None,
+    rebuild: bool,
+    input_root: str | None = None,
+) -> dict:
     """Bring the chunk files up to date with summary.jsonl; return the new state."""
     f = _open_read(SUMMARY_FILE, dir_fd, os.path.join(out, SUMMARY_FILE))
     old_chunks = state.get("chunks", []) if state else []
@@ -573,7 +591,7 @@ def _sync_chunks(dir_fd: int, afd: int, out: str, state: Mapping | None, rebuild
             offset += len(line)
             if not line.strip():
                 continue
-            row = _parse(line, out)
+            row = _parse(line, out, input_root)
             if row is None:
                 skipped += 1
                 continue
@@ -674,7 +692,11 @@ def write_index_html(
                     afd,
                     os.path.join(out, ASSET_DIR, STATE_FILE),
                 )
-            new = _sync_chunks(dir_fd, afd, out, state, rebuild)
+            run = _read_run(dir_fd, out)
+            root = run.get("input_root") if isinstance(run, Mapping) else None
+            new = _sync_chunks(
+                dir_fd, afd, out, state, rebuild, root if isinstance(root, str) else None
+            )
             new.pop("written", None)
             _write_atomic(
                 STATE_FILE,
@@ -685,7 +707,7 @@ def write_index_html(
             config = {
                 "format": FORMAT,
                 "title": title if title is not None else os.path.basename(os.path.abspath(out)),
-                "facts": run_facts(_read_run(dir_fd, out)),
+                "facts": run_facts(run),
                 "total": total,
                 "chunks": [[c["rows"]] for c in new["chunks"]],
                 "skipped": new["skipped"],

@@ -87,24 +87,42 @@ def _fmt_shape(shape: Sequence[int | None]) -> str:
 # --------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class InputItem:
     """One model input: an image file, or one row of a ``.npy`` array.
 
+    Small on purpose (one per input of a data set is kept in memory): the folder ``root`` is one
+    object shared by all inputs, and the path is made from it when asked for.
+
     Attributes:
-        path: the file, as an absolute path (symbolic links not resolved).
+        root: the run's input root (:func:`common_root`), an absolute path (links not resolved).
+        rel: the file's path relative to ``root``, with ``/``.
         row: the row of a ``.npy`` array, ``None`` for an image file.
         name: a short name, unique within the run, used for the per-input output folder.
     """
 
-    path: Path
+    root: Path
+    rel: str
     row: int | None = None
     name: str = field(default="", compare=False)
 
+    @classmethod
+    def at(cls, path: str | os.PathLike[str], row: int | None = None, name: str = "") -> InputItem:
+        """The input at ``path`` (made absolute; its folder is the root)."""
+        p = Path(os.path.abspath(path))
+        return cls(p.parent, p.name, row, name)
+
+    @property
+    def path(self) -> Path:
+        """The file, as an absolute path (symbolic links not resolved)."""
+        return self.root / self.rel
+
     @property
     def key(self) -> str:
-        """Stable identity of the input within a run: the path, plus ``[row]`` for arrays."""
-        return str(self.path) if self.row is None else f"{self.path}[{self.row}]"
+        """Identity of the input within a run: its path relative to the input root, plus
+        ``[row]`` for a row of an array. Moving the inputs' folder (or the output folder)
+        keeps the keys."""
+        return self.rel if self.row is None else f"{self.rel}[{self.row}]"
 
     @property
     def is_array(self) -> bool:
@@ -201,22 +219,44 @@ def expand_inputs(
         else:
             raise InputReadError(f"input '{text}' does not exist")
 
-    items: list[InputItem] = []
+    unique: list[Path] = []
     seen: set[Path] = set()
     for f in files:
         resolved = Path(os.path.abspath(f))  # absolute; symlinks kept (no syscall per file)
-        if resolved in seen:
-            continue
-        seen.add(resolved)
+        if resolved not in seen:
+            seen.add(resolved)
+            unique.append(resolved)
+    root = common_root(unique)
+    del seen
+    items: list[InputItem] = []
+    for resolved in unique:
+        rel = os.path.relpath(resolved, root).replace(os.sep, "/")
         if resolved.suffix.lower() in ARRAY_EXTENSIONS:
             shape = _npy_shape(resolved)
             if array_input_shape is not None and _shape_matches(shape, array_input_shape):
-                items.append(InputItem(resolved, row=0))  # a single sample, no batch axis
+                items.append(InputItem(root, rel, 0))  # one sample, no batch axis
             else:
-                items.extend(InputItem(resolved, row=i) for i in range(shape[0]))
+                items.extend(InputItem(root, rel, i) for i in range(shape[0]))
         else:
-            items.append(InputItem(resolved))
+            items.append(InputItem(root, rel))
+    del unique, files
     return assign_names(items, reserved=reserved)
+
+
+def common_root(files: Sequence[Path]) -> Path:
+    """The input root of a run: the deepest folder holding every input file (``/`` at worst).
+
+    Input keys (``summary.jsonl``'s ``"input"``, the records) are paths relative to it, so that a
+    run's results do not depend on where its inputs or its output folder lie.
+    """
+    if not files:
+        return Path(os.getcwd())
+    return Path(os.path.commonpath([os.path.dirname(f) for f in files]))
+
+
+def input_root(items: Sequence[InputItem]) -> Path:
+    """The root the items' keys are relative to (see :func:`common_root`)."""
+    return items[0].root if items else Path(os.getcwd())
 
 
 def _shape_matches(shape: Sequence[int], expected: Sequence[int | None]) -> bool:
@@ -261,7 +301,7 @@ def assign_names(items: Sequence[InputItem], *, reserved: Iterable[str] = ()) ->
             candidate = f"{name}_{k}"
             k += 1
         used.add(candidate.lower())
-        named.append(InputItem(it.path, it.row, candidate))
+        named.append(InputItem(it.root, it.rel, it.row, candidate))
     return named
 
 
@@ -368,11 +408,13 @@ class ImageSpec:
         return cls(int(height), int(width), channels, preprocess, resize, crop)
 
 
-def _open_image(path: Path):
+def _open_image(path: Path, data: bytes | None = None):
+    import io
+
     from PIL import Image, UnidentifiedImageError
 
     try:
-        img = Image.open(path)
+        img = Image.open(io.BytesIO(data) if data is not None else path)
         img.load()
     except FileNotFoundError:
         raise InputReadError(f"image '{path}' does not exist") from None
@@ -438,12 +480,16 @@ def preprocess_pixels(pixels: np.ndarray, preprocess: str) -> np.ndarray:
     )
 
 
-def load_image(path: str | os.PathLike[str], spec: ImageSpec) -> tuple[np.ndarray, np.ndarray]:
+def load_image(
+    path: str | os.PathLike[str], spec: ImageSpec, data: bytes | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """Read one image file as one model input.
 
     Args:
         path: an image file.
         spec: how to convert it (:class:`ImageSpec`).
+        data: the file's content, already read (e.g. shipped to a worker that cannot see
+            ``path``); ``path`` then only names it in messages.
 
     Returns:
         ``(x, display)``: ``x`` float32 of shape ``spec.input_shape``, preprocessed; ``display``
@@ -463,7 +509,7 @@ def load_image(path: str | os.PathLike[str], spec: ImageSpec) -> tuple[np.ndarra
     from PIL import Image
 
     path = Path(path)
-    with _open_image(path) as opened:
+    with _open_image(path, data) as opened:
         img = _to_mode(opened, spec.channels)
         if spec.crop == "center":
             img = _center_crop(img, spec.height, spec.width)
@@ -529,6 +575,64 @@ def load_array_rows(
         raise InputReadError(f"cannot read array '{path}': {exc}") from None
 
 
+def _payload_row(it: InputItem, data, input_shape) -> np.ndarray:
+    row = np.asarray(data)
+    if not (np.issubdtype(row.dtype, np.number) or row.dtype == bool):
+        raise InputReadError(f"cannot read array '{it.path}': expected a numeric array")
+    if not _shape_matches(row.shape, tuple(input_shape)):
+        raise InputFitError(
+            f"array '{it.path}' row {it.row} has shape {_fmt_shape(row.shape)} but the model "
+            f"takes inputs of shape {_fmt_shape(('batch',) + tuple(input_shape))}"
+        )
+    return np.asarray(row, dtype=np.float32)
+
+
+def fingerprints(
+    items: Sequence[InputItem],
+    input_shape: Sequence[int | None] | None = None,
+    payload: Sequence[bytes | np.ndarray] | None = None,
+) -> list[str]:
+    """Content fingerprints of inputs (``"b2:<hex>"``, BLAKE2b-128): of the file's bytes for an
+    image, of the row's bytes (with its dtype and shape) for a row of a ``.npy`` array.
+
+    An input changed in place is recognised whatever its size and modification time say.
+
+    Raises:
+        InputReadError: a file that cannot be read.
+    """
+    from augnet._safeio import hash_bytes, hash_file
+
+    if payload is not None:  # the same digests, of content read elsewhere
+        digests = []
+        for data in payload:
+            if isinstance(data, bytes | bytearray | memoryview):
+                digests.append(hash_bytes(bytes(data)))
+            else:
+                row = np.ascontiguousarray(data)
+                digests.append(hash_bytes(f"{row.dtype.str}{row.shape}".encode(), row.tobytes()))
+        return digests
+    arrays: dict[Path, np.ndarray] = {}
+    out = []
+    for it in items:
+        try:
+            if it.row is None:
+                out.append(hash_file(it.path))
+                continue
+            arr = arrays.get(it.path)
+            if arr is None:
+                arr = np.load(it.path, mmap_mode="r", allow_pickle=False)
+                if input_shape is not None and _shape_matches(arr.shape, tuple(input_shape)):
+                    arr = arr[None]
+                arrays[it.path] = arr
+            row = np.ascontiguousarray(arr[it.row])
+            meta = f"{row.dtype.str}{row.shape}".encode()
+            out.append(hash_bytes(meta, row.tobytes()))
+        except (OSError, ValueError, IndexError) as exc:
+            reason = getattr(exc, "strerror", None) or str(exc)
+            raise InputReadError(f"cannot read input '{it.path}': {reason}") from None
+    return out
+
+
 def array_display(x: np.ndarray) -> np.ndarray | None:
     """A picture of an array input, if it looks like an image: min-max scaled uint8, else ``None``.
 
@@ -550,10 +654,41 @@ def array_display(x: np.ndarray) -> np.ndarray | None:
     return np.rint((x - lo) * (255.0 / (hi - lo))).astype(np.uint8)
 
 
+def read_payload(
+    items: Sequence[InputItem], input_shape: Sequence[int | None] | None = None
+) -> tuple[bytes | np.ndarray, ...]:
+    """The content of each input as read from disk: an image file's bytes, or an array row
+    (its stored dtype and shape), one per item. For a worker that cannot see the files: ship
+    this with the batch and pass it to :func:`load_batch` and :func:`fingerprints`.
+
+    Raises:
+        InputReadError: a file that cannot be read.
+    """
+    arrays: dict[Path, np.ndarray] = {}
+    out: list[bytes | np.ndarray] = []
+    for it in items:
+        try:
+            if it.row is None:
+                out.append(it.path.read_bytes())
+                continue
+            arr = arrays.get(it.path)
+            if arr is None:
+                arr = np.load(it.path, mmap_mode="r", allow_pickle=False)
+                if input_shape is not None and _shape_matches(arr.shape, tuple(input_shape)):
+                    arr = arr[None]
+                arrays[it.path] = arr
+            out.append(np.array(arr[it.row]))
+        except (OSError, ValueError, IndexError) as exc:
+            reason = getattr(exc, "strerror", None) or str(exc)
+            raise InputReadError(f"cannot read input '{it.path}': {reason}") from None
+    return tuple(out)
+
+
 def load_batch(
     items: Sequence[InputItem],
     input_shape: Sequence[int | None],
     spec: ImageSpec | None,
+    payload: Sequence[bytes | np.ndarray] | None = None,
 ) -> tuple[np.ndarray, list[np.ndarray | None]]:
     """Read a batch of inputs (images and/or array rows) into one array.
 
@@ -562,6 +697,8 @@ def load_batch(
         input_shape: the model's input shape without the batch axis.
         spec: how to read image files; ``None`` if the model input is not image-shaped (then only
             ``.npy`` inputs are accepted).
+        payload: the inputs' content already read (:func:`read_payload`), one per item; the files
+            are then not opened.
 
     Returns:
         ``(x, displays)``: float32 ``(len(items), *input_shape)`` and one display picture (or
@@ -572,16 +709,23 @@ def load_batch(
     """
     arrays: list[np.ndarray] = []
     displays: list[np.ndarray | None] = []
-    by_file: dict[Path, list[int]] = {}
-    for it in items:
-        if it.row is not None:
-            by_file.setdefault(it.path, []).append(it.row)
     rows: dict[tuple[Path, int], np.ndarray] = {}
-    for path, wanted in by_file.items():
-        block = load_array_rows(path, wanted, input_shape)
-        for r, x in zip(wanted, block, strict=True):
-            rows[(path, r)] = x
-    for it in items:
+    if payload is None:
+        by_file: dict[Path, list[int]] = {}
+        for it in items:
+            if it.row is not None:
+                by_file.setdefault(it.path, []).append(it.row)
+        for path, wanted in by_file.items():
+            block = load_array_rows(path, wanted, input_shape)
+            for r, x in zip(wanted, block, strict=True):
+                rows[(path, r)] = x
+    else:
+        if len(payload) != len(items):
+            raise ValueError(f"payload has {len(payload)} entries for {len(items)} inputs")
+        for it, data in zip(items, payload, strict=True):
+            if it.row is not None:
+                rows[(it.path, it.row)] = _payload_row(it, data, input_shape)
+    for i, it in enumerate(items):
         if it.row is not None:
             x = rows[(it.path, it.row)]
             display = array_display(x)
@@ -591,7 +735,7 @@ def load_batch(
                     f"cannot use image '{it.path}': the model input shape "
                     f"{_fmt_shape(('batch',) + tuple(input_shape))} is not an image; pass a .npy array"
                 )
-            x, display = load_image(it.path, spec)
+            x, display = load_image(it.path, spec, None if payload is None else payload[i])
         arrays.append(x)
         displays.append(display)
     shapes = {a.shape for a in arrays}

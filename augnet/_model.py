@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import gc
 import os
+import zipfile
 from pathlib import Path
 
 import keras
@@ -23,7 +25,23 @@ class AugNet(keras.Model):
 
     It compiles, trains with ``fit``, saves to ``.keras`` and loads back with
     ``keras.models.load_model`` as an ``AugNet`` like any Keras model.
+
+    ``AugNet(inputs=m.inputs, outputs=m.outputs)`` keeps ``m``'s nesting: a model whose outputs
+    (or inputs) are a dict keeps the dict and its names, as :func:`augnet.wrap` does (Keras's
+    ``m.outputs`` is a flat list; the dict is found from ``m`` itself).
     """
+
+    def __init__(self, *args, **kwargs):
+        if "inputs" in kwargs and "outputs" in kwargs:
+            kwargs["inputs"] = _nesting_of(kwargs["inputs"], "_inputs", "_inputs_struct")
+            kwargs["outputs"] = _nesting_of(kwargs["outputs"], "_outputs", "_outputs_struct")
+        elif len(args) >= 2:
+            args = (
+                _nesting_of(args[0], "_inputs", "_inputs_struct"),
+                _nesting_of(args[1], "_outputs", "_outputs_struct"),
+                *args[2:],
+            )
+        super().__init__(*args, **kwargs)
 
     def return_jacobian(
         self,
@@ -95,6 +113,27 @@ class AugNet(keras.Model):
         return backward_model(self, gradient, jacobian=jacobian, derivatives=derivatives)
 
 
+def _nesting_of(tensors, flat_attr: str, struct_attr: str):
+    """The nesting (a dict, a single tensor, ...) that a functional model's flat ``m.inputs`` /
+    ``m.outputs`` list stands for, if ``tensors`` is that very list; else ``tensors`` unchanged.
+
+    Keras flattens a model's dict outputs into the list ``m.outputs`` and keeps the dict in
+    ``m._outputs_struct``; the model owning the list is found among the list's referrers (only
+    the exact list object qualifies, so a list the user built is left as it is).
+    """
+    if not isinstance(tensors, list) or not tensors:
+        return tensors
+    for referrer in gc.get_referrers(tensors):
+        if isinstance(referrer, dict) and referrer.get(flat_attr) is tensors:
+            struct = referrer.get(struct_attr)
+            if struct is None or isinstance(struct, list):
+                return tensors
+            flat = keras.tree.flatten(struct)
+            if len(flat) == len(tensors) and all(a is b for a, b in zip(flat, tensors)):
+                return struct
+    return tensors
+
+
 def wrap(model) -> AugNet:
     """Wraps a functional or Sequential Keras model as an :class:`AugNet`, sharing its weights.
 
@@ -133,8 +172,10 @@ def load_model(
 
     Args:
         path: the file or SavedModel directory.
-        safe_mode: passed to ``keras.models.load_model``; ``False`` only for files you trust
-            (it allows arbitrary code in ``Lambda`` layers).
+        safe_mode: ``False`` only for models you trust: it allows arbitrary code in ``Lambda``
+            layers (passed to ``keras.models.load_model``) and SavedModel directories, whose
+            TensorFlow graph can run any operation; with ``True`` (default) a SavedModel
+            directory is refused.
         compile: restore the training configuration too (not needed for Jacobians).
         custom_objects: custom layers/functions the file refers to.
 
@@ -145,16 +186,28 @@ def load_model(
 
     Raises:
         FileNotFoundError: nothing at ``path``.
-        ValueError: ``path`` is not a model Keras or TensorFlow can read.
+        ValueError: ``path`` is not a model Keras or TensorFlow can read (a truncated or corrupt
+            file is named as such); a FIFO, device or socket; a SavedModel directory with
+            ``safe_mode=True``.
     """
+    from augnet import _safeio
+
     path = Path(os.fspath(path))
     if not path.exists():
         raise FileNotFoundError(f"No model at {str(path)!r}: the file or directory does not exist.")
+    _safeio.check_model_path(path)  # a FIFO or a device is refused before anything reads it
     if path.is_dir():
         if not (path / "saved_model.pb").exists():
             raise ValueError(
                 f"{str(path)!r} is a directory but not a TensorFlow SavedModel (no saved_model.pb). "
                 "Expected a .keras file, a .h5 file or a SavedModel directory."
+            )
+        if safe_mode:
+            raise ValueError(
+                f"{str(path)!r} is a TensorFlow SavedModel: loading it runs the TensorFlow graph "
+                "it holds, which can do anything (write files, start programs), so augnet loads "
+                "one only with safe_mode=False (--unsafe on the command line): pass it only for "
+                "a model you trust."
             )
         return _load_saved_model(path)
     if path.suffix not in (".keras", ".h5", ".hdf5"):
@@ -162,6 +215,7 @@ def load_model(
             f"Cannot load {str(path)!r}: expected a .keras file, a .h5 file or a SavedModel "
             f"directory; received a file with suffix {path.suffix!r}."
         )
+    _check_container(path)
     try:
         model = keras.models.load_model(
             path, compile=compile, safe_mode=safe_mode, custom_objects=custom_objects
@@ -169,6 +223,39 @@ def load_model(
     except Exception as exc:
         raise ValueError(f"Cannot load {str(path)!r} as a Keras model: {exc}") from exc
     return wrap(model)
+
+
+def _check_container(path: Path) -> None:
+    """A ``.keras`` file is a zip archive and an ``.h5`` file HDF5: a truncated or corrupt one is
+    named as such (Keras reports a truncated ``.keras`` file as "File not found")."""
+    size = path.stat().st_size
+    if path.suffix == ".keras":
+        try:
+            with zipfile.ZipFile(path) as archive:
+                names = archive.namelist()
+        except (zipfile.BadZipFile, OSError, EOFError) as exc:
+            raise ValueError(
+                f"Cannot load {str(path)!r} as a Keras model: it is not a valid .keras file (a "
+                f".keras file is a zip archive; this one, {size} bytes, is truncated or corrupt: "
+                f"{exc}). Save the model again or copy it again."
+            ) from None
+        if "config.json" not in names:
+            raise ValueError(
+                f"Cannot load {str(path)!r} as a Keras model: the zip archive holds no "
+                "config.json, so it is not a model saved with model.save('....keras')."
+            )
+        return
+    with open(path, "rb") as f:
+        head = f.read(8)
+    if head != b"\x89HDF\r\n\x1a\n":
+        import h5py
+
+        if not h5py.is_hdf5(path):
+            raise ValueError(
+                f"Cannot load {str(path)!r} as a Keras model: it is not a valid HDF5 (.h5) file "
+                f"({size} bytes; truncated, corrupt or another format). Save the model again or "
+                "copy it again."
+            )
 
 
 def _load_saved_model(path: Path) -> AugNet:

@@ -17,10 +17,11 @@ Conventions:
 from __future__ import annotations
 
 import difflib
+import functools
+import io
 import math
 import os
 import pathlib
-import tempfile
 from collections.abc import Sequence
 from numbers import Integral, Real
 
@@ -29,6 +30,7 @@ import matplotlib.colors
 import numpy as np
 from PIL import Image
 
+from augnet import _safeio
 from augnet._errors import format_shape, invalid_value
 
 MODES = ("signed", "abs")
@@ -42,6 +44,11 @@ ABS_LUT_SIZE = 256
 
 # `save_jacobian_images(upscale=None)` enlarges small maps until the longer side is this long.
 AUTO_UPSCALE_MIN_SIDE = 256
+# An explicit `upscale` may enlarge a map to at most this many pixels per side.
+MAX_UPSCALED_SIDE = 8192  # 67 Mpx: below pillow's decompression-bomb limit when read back
+# In signed mode the colormap's centre entry, where zero lands (|value| < scale / 256), is drawn
+# in this colour: pure white, "no effect" (RdBu_r's own centre is a light grey, 247).
+ZERO_COLOUR = (255, 255, 255)
 
 _PNG_DIGITS_MIN = 2
 
@@ -104,8 +111,19 @@ def _check_scale(scale: object) -> float | None:
     return value
 
 
+def _is_top_k(value: object) -> bool:
+    return all(hasattr(value, a) for a in ("jacobian", "indices", "values"))
+
+
 def _as_real_array(argument: str, value: object) -> np.ndarray:
     """Converts array-likes (NumPy arrays, tensors, lists) to a real floating NumPy array."""
+    if _is_top_k(value):
+        raise TypeError(
+            f"`{argument}` is a TopKJacobian (the result of top_k=...), not an array. Pass one "
+            f"sample's maps and their output indices, e.g. {argument}=result.jacobian[i] with "
+            "output_indices=result.indices[i] (and predictions=result.values[i] for a contact "
+            "sheet)."
+        )
     try:
         array = np.asarray(value)
     except Exception as error:
@@ -283,10 +301,38 @@ def colormap_lut(name: str | matplotlib.colors.Colormap, size: int = ABS_LUT_SIZ
         colormap = name
     else:
         colormap = matplotlib.colormaps[resolve_cmap(name)]
+    if isinstance(name, str):
+        return _named_lut(colormap.name, int(size)).copy()
+    return _sample_lut(colormap, int(size))
+
+
+def _sample_lut(colormap: matplotlib.colors.Colormap, size: int) -> np.ndarray:
     # `resampled` interpolates segmented colormaps at the new sample points instead of
     # snapping to their stored 256 entries, so the middle of an odd-sized table is exact.
-    rgba = colormap.resampled(int(size))(np.linspace(0.0, 1.0, int(size)))
+    rgba = colormap.resampled(size)(np.linspace(0.0, 1.0, size))
     return np.rint(np.asarray(rgba)[:, :3] * 255.0).astype(np.uint8)
+
+
+@functools.lru_cache(maxsize=64)
+def _named_lut(name: str, size: int) -> np.ndarray:
+    """`colormap_lut` of a registered colormap, computed once (read-only)."""
+    lut = _sample_lut(matplotlib.colormaps[name], size)
+    lut.flags.writeable = False
+    return lut
+
+
+def signed_lut(name: str | matplotlib.colors.Colormap) -> np.ndarray:
+    """The lookup table of signed mode: `colormap_lut(name, 257)` with its centre entry, where
+    zero lands, pure white (`ZERO_COLOUR`).
+
+    Example:
+
+    >>> signed_lut("RdBu_r")[128].tolist()
+    [255, 255, 255]
+    """
+    lut = colormap_lut(name, SIGNED_LUT_SIZE).copy()
+    lut[(SIGNED_LUT_SIZE - 1) // 2] = ZERO_COLOUR
+    return lut
 
 
 def reduce_channels(jacobian_map: object, method: str = "maxabs") -> np.ndarray:
@@ -422,9 +468,10 @@ def render_saliency(
     The map is reduced over channels (`reduce_channels`), divided by a robust scale and clipped
     (`robust_scale`), and looked up in a colormap:
 
-    - mode="signed": diverging colormap (default "RdBu_r"). Zero is exactly the colormap's centre
-      (near-white for "RdBu_r"); +scale and above its top end (dark red), -scale and below its
-      bottom end (dark blue).
+    - mode="signed": diverging colormap (default "RdBu_r"). Zero is drawn pure white
+      (`ZERO_COLOUR`, "no effect"; so is anything below half a colour step, |value| < scale /
+      256); +scale and above its top end (dark red), -scale and below its bottom end (dark
+      blue).
     - mode="abs": |map| on a sequential colormap (default "inferno"); zero is the colormap's
       start (black for "inferno"), `scale` and above its end.
 
@@ -452,7 +499,7 @@ def render_saliency(
 
     >>> rgb = render_saliency(np.zeros((28, 28, 1)))
     >>> rgb.shape, rgb.dtype, rgb[0, 0].tolist()
-    ((28, 28, 3), dtype('uint8'), [247, 247, 247])
+    ((28, 28, 3), dtype('uint8'), [255, 255, 255])
     """
     mode = _check_choice("mode", mode, MODES)
     reduce = _check_choice("reduce", reduce, REDUCTIONS)
@@ -466,7 +513,7 @@ def render_saliency(
     scaled = robust_scale(reduced, percentile, signed=(mode == "signed"), scale=scale)
     colormap = cmap if isinstance(cmap, matplotlib.colors.Colormap) else cmap_name
     if mode == "signed":
-        lut = colormap_lut(colormap, SIGNED_LUT_SIZE)
+        lut = signed_lut(colormap)
         half = (SIGNED_LUT_SIZE - 1) // 2
         # 0 -> index `half` exactly; rint(half + y) == half + rint(y) as `half` is even, so
         # +v and -v land symmetrically.
@@ -584,23 +631,44 @@ def _check_upscale(upscale: object, spatial_shape: tuple[int, int]) -> int:
                 "Pass upscale=1 to keep the Jacobian's own size.",
             )
         )
-    return int(upscale)
+    factor = int(upscale)
+    height, width = (int(d) for d in spatial_shape)
+    if factor > 1 and max(height, width) * factor > MAX_UPSCALED_SIDE:
+        largest = max(1, MAX_UPSCALED_SIDE // max(height, width))
+        raise ValueError(
+            f"Received upscale={upscale}, which would make each PNG {height * factor}x"
+            f"{width * factor} pixels ({_safeio.format_bytes(height * width * factor * factor * 3)} of RGB); "
+            f"maps are enlarged to at most {MAX_UPSCALED_SIDE} pixels per side. Pass "
+            f"upscale<={largest} for these {height}x{width} maps, or upscale=None for the "
+            "automatic size. Nothing was written."
+        )
+    return factor
 
 
-def write_png_atomic(path: pathlib.Path, rgb: np.ndarray) -> None:
-    """Writes a `(H, W, 3)` uint8 array as PNG through a temporary file and `os.replace`."""
-    path = pathlib.Path(path)
-    descriptor, temporary = tempfile.mkstemp(
-        prefix=f".{path.name}.", suffix=".tmp", dir=path.parent
-    )
-    try:
-        with os.fdopen(descriptor, "wb") as stream:
-            Image.fromarray(rgb, mode="RGB").save(stream, format="PNG")
-        os.replace(temporary, path)
-    except BaseException:
-        if os.path.exists(temporary):
-            os.unlink(temporary)
-        raise
+def format_number(value: float) -> str:
+    """Three significant digits: 0.412, 0.00101, 1.2e-05."""
+    return f"{value:.3g}"
+
+
+def png_bytes(rgb: np.ndarray, text: dict[str, str] | None = None) -> bytes:
+    """A `(H, W, 3)` uint8 array as the bytes of a PNG file, with optional text chunks."""
+    from PIL.PngImagePlugin import PngInfo
+
+    info = None
+    if text:
+        info = PngInfo()
+        for key, value in text.items():
+            info.add_text(key, value)
+    buffer = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(rgb), mode="RGB").save(buffer, format="PNG", pnginfo=info)
+    return buffer.getvalue()
+
+
+def write_png_atomic(path: pathlib.Path, rgb: np.ndarray, *, overwrite: bool = True) -> None:
+    """Writes a `(H, W, 3)` uint8 array as PNG atomically: an exclusive, unpredictable
+    temporary name in the same folder, then a rename (never through a link; mode from the
+    umask, like any file)."""
+    _safeio.write_file(path, png_bytes(rgb), overwrite=overwrite)
 
 
 def existing_file_error(path: pathlib.Path) -> FileExistsError:
@@ -625,6 +693,7 @@ def save_jacobian_images(
     prefix: str = "output",
     upscale: int | None = None,
     shared_scale: bool = False,
+    colorbar: bool = False,
 ) -> list[pathlib.Path]:
     """Writes one saliency PNG per output of one sample's Jacobian.
 
@@ -635,7 +704,14 @@ def save_jacobian_images(
     `os.replace`), so a failure never leaves a half-written set behind.
 
     Each map is scaled by its own `percentile` of |map| unless `shared_scale=True`, which uses one
-    scale for all (the percentile of |maps| pooled), so that colours compare between files.
+    scale for all (the percentile of |maps| pooled, as `contact_sheet` does), so that colours
+    compare between files. With `colorbar=True` each PNG gets a small colour bar under the map
+    giving its scale in real units (see `colorbar_strip`), so a file read alone says how strong
+    its colours are.
+
+    Files are written with an exclusive, unpredictable temporary name and renamed into place;
+    a file (or link) at a target name is replaced only with `overwrite=True`, and never written
+    through. Modes follow the umask.
 
     Args:
         jacobian: One sample's Jacobian, `(n_outputs, H, W)` or `(n_outputs, H, W, C)`.
@@ -651,8 +727,12 @@ def save_jacobian_images(
         prefix: File name prefix, a non-empty string without path separators.
         upscale: Integer nearest-neighbour magnification. `None` (default) picks the smallest
             factor that makes the longer side at least 256 px (28x28 -> 280x280; 224x224 ->
-            448x448; 256 px and larger -> unchanged). Pass 1 for the Jacobian's own size.
+            448x448; 256 px and larger -> unchanged). Pass 1 for the Jacobian's own size. An
+            explicit factor may make at most `MAX_UPSCALED_SIDE` (8192) pixels per side;
+            larger is refused before anything is written.
         shared_scale: Use one scale for all outputs instead of one per map.
+        colorbar: Add a colour bar with the map's scale in real units under each map (the PNG
+            is then taller, and at least 200 pixels wide).
 
     Returns:
         The written paths, `list[pathlib.Path]`, in the order of the Jacobian's first axis.
@@ -684,30 +764,37 @@ def save_jacobian_images(
         raise TypeError(invalid_value("overwrite", overwrite, "True or False"))
 
     scale = None
+    reduced = np.stack([reduce_channels(m, reduce) for m in array])
     if shared_scale:
-        reduced = np.stack([reduce_channels(m, reduce) for m in array])
         scale = percentile_scale(reduced, percentile) or None  # all-zero: per-map (zeros)
 
     directory = pathlib.Path(out_dir)
     digits = max(_PNG_DIGITS_MIN, len(str(max(indices))))
-    paths = [directory / f"{prefix}_{k:0{digits}d}.png" for k in indices]
-    if not overwrite:
-        for path in paths:
-            if path.exists():
-                raise existing_file_error(path)
-    directory.mkdir(parents=True, exist_ok=True)
+    names = [f"{prefix}_{k:0{digits}d}.png" for k in indices]
+    with _safeio.SafeDir.open(directory, create=True) as folder:
+        folder.display = str(directory)
+        if not overwrite:
+            for name in names:
+                if folder.lstat(name) is not None:
+                    raise existing_file_error(directory / name)
+        for name, jacobian_map in zip(names, reduced, strict=True):
+            rgb = render_saliency(
+                jacobian_map,
+                mode=mode,
+                cmap=cmap,
+                percentile=percentile,
+                image=image,
+                scale=scale,
+            )
+            if factor > 1:
+                rgb = np.repeat(np.repeat(rgb, factor, axis=0), factor, axis=1)
+            if colorbar:
+                from augnet._colorbar import with_colorbar
 
-    for path, jacobian_map in zip(paths, array, strict=True):
-        rgb = render_saliency(
-            jacobian_map,
-            mode=mode,
-            cmap=cmap,
-            percentile=percentile,
-            reduce=reduce,
-            image=image,
-            scale=scale,
-        )
-        if factor > 1:
-            rgb = np.repeat(np.repeat(rgb, factor, axis=0), factor, axis=1)
-        write_png_atomic(path, rgb)
-    return paths
+                own = scale if scale is not None else percentile_scale(jacobian_map, percentile)
+                rgb = with_colorbar(rgb, scale=own, mode=mode, cmap=cmap)
+            try:
+                folder.write_atomic(name, png_bytes(rgb), replace=overwrite)
+            except FileExistsError:
+                raise existing_file_error(directory / name) from None
+    return [directory / name for name in names]

@@ -12,10 +12,10 @@ the colour bar then is in units of that per-map scale and says so.
 
 from __future__ import annotations
 
+import io
 import math
 import os
 import pathlib
-import tempfile
 from collections.abc import Sequence
 
 import matplotlib.colors
@@ -24,7 +24,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.cm import ScalarMappable
 from matplotlib.figure import Figure
 
-from augnet import _render
+from augnet import _render, _safeio
 from augnet._errors import format_shape, invalid_value
 
 MAX_COLUMNS = 5
@@ -103,7 +103,7 @@ def grid_shape(n_panels: int, max_columns: int = MAX_COLUMNS) -> tuple[int, int]
 
 def _format_number(value: float) -> str:
     """Three significant digits: 0.412, 0.00101, 1.2e-05, 3.55."""
-    return f"{value:.3g}"
+    return _render.format_number(value)
 
 
 def _quantity_label(mode: str, reduce: str, n_channels: int) -> str:
@@ -138,6 +138,8 @@ def build_contact_sheet(
     reduce: str = "maxabs",
     title: str | None = None,
     shared_scale: bool = True,
+    overlay: bool = False,
+    alpha: float = 0.8,
 ) -> Figure:
     """Builds the contact sheet figure (see `contact_sheet`) without saving it.
 
@@ -161,6 +163,9 @@ def build_contact_sheet(
         title: Optional figure title.
         shared_scale: One scale for all panels (default; colour bar in units of ∂y/∂x) or one
             per map (colour bar in units of each map's percentile).
+        overlay: Blend each panel over `image` (which must then have the maps' height and
+            width), as `render_saliency(..., image=image)` does.
+        alpha: With `overlay`, the colour's weight where saliency is largest, in [0, 1].
 
     Returns:
         A `matplotlib.figure.Figure` with a `FigureCanvasAgg` canvas.
@@ -189,6 +194,11 @@ def build_contact_sheet(
     colormap = cmap if isinstance(cmap, matplotlib.colors.Colormap) else cmap_name
     percentile = _render._check_percentile(percentile)
     photo = _render._check_image(image, None)
+    alpha = _render._check_alpha(alpha)
+    if not isinstance(overlay, bool):
+        raise TypeError(invalid_value("overlay", overlay, "True or False"))
+    if overlay:
+        _render._check_image(image, tuple(array.shape[1:3]))
     if title is not None and not isinstance(title, str):
         raise TypeError(invalid_value("title", title, "None or a string"))
 
@@ -224,7 +234,13 @@ def build_contact_sheet(
     for position, (k, jacobian_map) in enumerate(zip(indices, reduced, strict=True), start=1):
         ax = figure.add_subplot(grid[divmod(position, columns)], label=f"output {k}")
         rgb = _render.render_saliency(
-            jacobian_map, mode=mode, cmap=colormap, percentile=percentile, scale=scale
+            jacobian_map,
+            mode=mode,
+            cmap=colormap,
+            percentile=percentile,
+            scale=scale,
+            image=photo if overlay else None,
+            alpha=alpha,
         )
         ax.imshow(rgb, interpolation="nearest")
         heading = f"output {k}"
@@ -249,10 +265,12 @@ def build_contact_sheet(
         ax.set_yticks([])
 
     quantity = _quantity_label(mode, reduce, n_channels)
-    lut_size = _render.SIGNED_LUT_SIZE if signed else _render.ABS_LUT_SIZE
-    listed = matplotlib.colors.ListedColormap(
-        _render.colormap_lut(colormap, lut_size) / 255.0, name=cmap_name
+    lut = (
+        _render.signed_lut(colormap)
+        if signed
+        else _render.colormap_lut(colormap, _render.ABS_LUT_SIZE)
     )
+    listed = matplotlib.colors.ListedColormap(lut / 255.0, name=cmap_name)
     pct = f"p{percentile:g}"
     if shared_scale and pooled > 0.0:
         limit = pooled
@@ -303,6 +321,8 @@ def contact_sheet(
     overwrite: bool = False,
     shared_scale: bool = True,
     dpi: int = DPI,
+    overlay: bool = False,
+    alpha: float = 0.8,
 ) -> pathlib.Path:
     """Saves a contact sheet PNG: the input image, then one saliency panel per output.
 
@@ -312,8 +332,9 @@ def contact_sheet(
     shared by all panels: by default all maps use one common scale (the `percentile` of |J| over
     all maps), so colours compare between panels; see `build_contact_sheet`.
 
-    The parent directory is created if needed; the file is written atomically (temporary file +
-    `os.replace`).
+    The parent directory is created if needed; the file is written atomically (an exclusive,
+    unpredictable temporary name, then a rename; never through a link) and its mode follows the
+    umask.
 
     Args:
         path: Output file, ending in ".png".
@@ -330,6 +351,8 @@ def contact_sheet(
         overwrite: Replace an existing file; otherwise raise `FileExistsError`.
         shared_scale: One scale for all panels (default) or one per map.
         dpi: Resolution of the PNG, 150 by default.
+        overlay: Blend each panel over `image` (same height and width as the maps).
+        alpha: With `overlay`, the colour's weight where saliency is largest.
 
     Returns:
         The written path, a `pathlib.Path`.
@@ -347,11 +370,9 @@ def contact_sheet(
     target = _check_path(path)
     if not isinstance(overwrite, bool):
         raise TypeError(invalid_value("overwrite", overwrite, "True or False"))
-    if target.exists() and not overwrite:
+    if (target.exists() or target.is_symlink()) and not overwrite:
         raise _render.existing_file_error(target)
-    if isinstance(dpi, bool) or not isinstance(dpi, int) or not (30 <= dpi <= 1200):
-        raise ValueError(invalid_value("dpi", dpi, "an integer in [30, 1200]"))
-    figure = build_contact_sheet(
+    data = contact_sheet_png(
         image=image,
         jacobian=jacobian,
         output_indices=output_indices,
@@ -363,17 +384,23 @@ def contact_sheet(
         reduce=reduce,
         title=title,
         shared_scale=shared_scale,
-    )
-    target.parent.mkdir(parents=True, exist_ok=True)
-    descriptor, temporary = tempfile.mkstemp(
-        prefix=f".{target.name}.", suffix=".tmp", dir=target.parent
+        dpi=dpi,
+        overlay=overlay,
+        alpha=alpha,
     )
     try:
-        with os.fdopen(descriptor, "wb") as stream:
-            figure.savefig(stream, format="png", dpi=dpi)
-        os.replace(temporary, target)
-    except BaseException:
-        if os.path.exists(temporary):
-            os.unlink(temporary)
-        raise
+        _safeio.write_file(target, data, overwrite=overwrite)
+    except FileExistsError:
+        raise _render.existing_file_error(target) from None
     return target
+
+
+def contact_sheet_png(*, dpi: int = DPI, **kwargs) -> bytes:
+    """The contact sheet as the bytes of a PNG file (nothing written); the arguments are those
+    of `build_contact_sheet`, plus `dpi`."""
+    if isinstance(dpi, bool) or not isinstance(dpi, int) or not (30 <= dpi <= 1200):
+        raise ValueError(invalid_value("dpi", dpi, "an integer in [30, 1200]"))
+    figure = build_contact_sheet(**kwargs)
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=dpi)
+    return buffer.getvalue()

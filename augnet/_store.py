@@ -1,41 +1,44 @@
-"""Result files for a run over a data set: atomic writes, a batch log, ``.npy`` shards, resume.
+"""Result files of a data-set run: one run per folder, provable ownership, atomic batches, resume.
 
 Layout of an output folder written by ``augnet jacobian ... --out OUT``::
 
     OUT/
-      run.json                 the run's settings (model, outputs, preprocessing, ...) and the
-                               choices made on its first batch (``resolved``), reused on resume
-      batches/000000.json      one commit record per finished batch (see below)
-      jacobians/000000.npy     raw Jacobians of that batch, float32 (b, k, *input_shape)
-                               (only with --format npy)
-      summary.jsonl            one JSON line per input, rewritten at the end of the run
-      <name>/output_3.png ...  per-input pictures (written by the command line)
+      run.json                 the run's id, command, settings and the choices made on its first
+                               batch (``resolved``, e.g. the strategy), reused on resume
+      batches/000003.json      the commit record of batch 3 (below); the index of the store
+      jacobians/000003.npy     raw Jacobians of batch 3, float32 (b, k, *input_shape) (--format npy)
+      summary.jsonl            one JSON line per finished input; grows batch by batch
+      <name>/output_03.png ... per-input pictures
+      .augnet.lock             present while a run writes the folder (see augnet._safeio)
 
-**Why ``.npy`` shards and not one HDF5 file.** A process killed while HDF5 is writing can leave the
-whole file unreadable, losing every batch already finished; SWMR avoids that only with care from
-every reader. Here every file is written under a temporary hidden name (``.NAME.tmp-PID-XXXX``)
-and renamed into place with :func:`os.replace`, which is atomic: a file either does not exist or
-is complete. The batch's shard and pictures are written first and its commit record
-``batches/NNNNNN.json`` last; a batch without its record never happened (its files are removed
-when the batch fails, and rewritten on resume). Together the records are the index of the
-store: :func:`load_results` reads them, and can do so while a run is still adding batches. The
-shards are plain ``.npy`` files that ``np.load(..., mmap_mode="r")`` opens without reading them.
+**Batches are positional.** Batch ``b`` holds inputs ``b*batch_size ... (b+1)*batch_size - 1`` of
+the run's sorted input list, whichever process computes it and in whichever order: its record and
+shard are named by ``b``, so two batches never write the same file and a batch computed twice
+(a worker that died and was replaced) is committed once. A resumed run recomputes exactly the
+batches whose record is missing or no longer matches its inputs (content fingerprints), so its
+results are byte-identical to an uninterrupted run's.
 
-**Resume.** Each record lists its inputs with a fingerprint (absolute path, row of a ``.npy``
-input, file size and modification time in nanoseconds). ``--resume`` skips inputs whose latest
-record matches their current fingerprint and computes the rest, in the same order and the same
-batches as an uninterrupted run would, so the raw results are byte-identical. It refuses when the
-settings in ``run.json`` differ from the new ones (other outputs, preprocessing, batch size, ...).
+**Commit protocol** (:meth:`RunStore.commit`, the only writer): ``run.json`` (first batch only),
+then a journal ``batches/000003.pending`` naming every file the batch will write with its content
+hash and temporary name, then the files (each atomically: exclusive temporary name, then rename),
+the shard, and the record ``batches/000003.json`` last (flushed to disk): a batch without a record
+never happened. Then the journal goes and the batch's lines are appended to ``summary.jsonl``.
+A process killed at any point leaves either a committed batch or a journal, from which the next
+``--resume`` or ``--overwrite`` removes exactly the files that batch wrote.
 
-**Overwriting.** A folder that already holds results (``run.json``, a batch record, or a
-per-input folder the run would write) is refused unless ``--overwrite`` or ``--resume`` is given.
-``--overwrite`` first deletes the files the previous run's records list.
+**Ownership.** augnet deletes or replaces a file only when it can prove it wrote it: the file is
+listed in a record or journal carrying this folder's run id (from ``run.json``), its path is a
+plain relative path inside the folder reached without a symbolic link, and its content still has
+the hash recorded when augnet wrote it. Anything else in the folder is the user's: a run refuses
+to start where it would replace such a file, unless ``--overwrite`` is given (which replaces files
+at the paths the new run writes, and still deletes only provable files of the old run). A record
+that lists a path outside the folder stops the run with one line.
 
-**Durability.** Files survive the process being killed at any moment (Ctrl-C, ``kill -9``, a full
-disk). Commit records and shards are flushed to disk with ``fsync``; pictures are not (speed), so
-a power cut can lose pictures of the last batches.
+**Durability.** Records, journals and shards are flushed with ``fsync``; pictures are not (speed),
+so a power cut can lose pictures of the last batches, which ``--resume`` then recomputes (their
+files are checked for presence).
 
-This module uses NumPy and the standard library only.
+NumPy and the standard library only.
 """
 
 from __future__ import annotations
@@ -44,24 +47,32 @@ import contextlib
 import io
 import json
 import os
-import secrets
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+import stat
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from augnet import _safeio
+from augnet._safeio import SafeDir, UnsafePathError
+
 RUN_FILE = "run.json"
 BATCH_DIR = "batches"
 SHARD_DIR = "jacobians"
 SUMMARY_FILE = "summary.jsonl"
-RESERVED_NAMES = (RUN_FILE, BATCH_DIR, SHARD_DIR, SUMMARY_FILE)  # no input may be named so
-STORE_FORMAT = 1
-_TMP_MARK = ".tmp-"
+REPORT_FILE = "index.html"  # written beside the results by the report (augnet._html)
+REPORT_DIR = "index_files"  # the report's data
+LOCK_FILE = _safeio.LOCK_NAME
+# no input may take these names for its folder
+RESERVED_NAMES = (RUN_FILE, BATCH_DIR, SHARD_DIR, SUMMARY_FILE, REPORT_FILE, REPORT_DIR)
+STORE_FORMAT = 2
+_PENDING = ".pending"
 
 
 class ExistingResultsError(ValueError):
-    """The output folder already holds results and neither overwrite nor resume was asked for."""
+    """The output folder holds results or files of the user that this run would replace."""
 
 
 class SettingsMismatchError(ValueError):
@@ -73,84 +84,78 @@ class OutputFolderError(OSError):
 
 
 # --------------------------------------------------------------------------------------------
-# Atomic writes
+# What one computed batch hands to the store
 # --------------------------------------------------------------------------------------------
 
 
-def temp_path_for(path: str | os.PathLike[str]) -> Path:
-    """A hidden temporary name beside ``path`` that keeps its suffix (``.x.tmp-PID-HEX.png``)."""
-    path = Path(path)
-    return path.with_name(
-        f".{path.stem}{_TMP_MARK}{os.getpid()}-{secrets.token_hex(4)}{path.suffix}"
-    )
+@dataclass
+class InputResult:
+    """Everything the store writes for one input of a batch.
 
-
-def _with_filename(exc: OSError, path: Path) -> OSError:
-    if exc.filename is None:
-        new = OSError(exc.errno, exc.strerror or str(exc), str(path))
-        new.__cause__ = exc
-        return new
-    return exc
-
-
-@contextlib.contextmanager
-def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
-    """Yield a temporary path to write; on success rename it to ``path``, on failure delete it.
-
-    Example:
-        >>> with atomic_path("out/sheet.png") as tmp:  # doctest: +SKIP
-        ...     figure.savefig(tmp)
+    Attributes:
+        key: the input's identity: its path relative to the run's input root, plus ``[row]`` for a
+            row of a ``.npy`` array.
+        name: its folder's name in the output folder.
+        fingerprint: content hash of the input (``"b2:..."``) as it was read.
+        outputs: ``(k,)`` the selected flat output indices.
+        files: ``{path relative to the output folder: content}`` (PNG bytes), in order.
+        summary: its line of ``summary.jsonl``.
     """
-    path = Path(path)
-    tmp = temp_path_for(path)
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    except BaseException as exc:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        if isinstance(exc, OSError):
-            raise _with_filename(exc, path) from exc.__cause__
-        raise
+
+    key: str
+    name: str
+    fingerprint: str
+    outputs: list[int]
+    files: dict[str, bytes] = field(default_factory=dict)
+    summary: dict[str, Any] = field(default_factory=dict)
 
 
-def write_bytes(path: Path, data: bytes, *, fsync: bool = False) -> None:
-    """Write ``data`` to ``path`` (plain, not atomic; :func:`atomic_write_bytes` wraps it)."""
-    with open(path, "wb") as f:
-        f.write(data)
-        if fsync:
-            f.flush()
-            os.fsync(f.fileno())
+@dataclass
+class BatchResult:
+    """One computed batch: what :meth:`RunStore.commit` writes. Plain data (picklable).
+
+    Attributes:
+        batch_id: the batch's position in the run (see the module docstring).
+        inputs: one :class:`InputResult` per input, in order.
+        jacobian: ``(b, k, *input_shape)`` float32 raw Jacobians, or ``None`` (no ``npy``).
+        strategy: the engine strategy it was computed with.
+        seconds: time spent computing it.
+    """
+
+    batch_id: int
+    inputs: list[InputResult]
+    jacobian: np.ndarray | None = None
+    strategy: str | None = None
+    seconds: float = 0.0
 
 
-def atomic_write_bytes(path: str | os.PathLike[str], data: bytes, *, fsync: bool = False) -> Path:
-    """Write ``data`` to ``path`` atomically (temporary name, then :func:`os.replace`)."""
-    path = Path(path)
-    with atomic_path(path) as tmp:
-        write_bytes(tmp, data, fsync=fsync)
-    return path
+# --------------------------------------------------------------------------------------------
+# Small helpers kept for the public API and scripts
+# --------------------------------------------------------------------------------------------
 
 
-def atomic_write_json(path: str | os.PathLike[str], obj: Any, *, fsync: bool = True) -> Path:
-    """Write ``obj`` as compact JSON (keys in insertion order, so deterministic), atomically."""
-    text = json.dumps(obj, separators=(",", ":"), allow_nan=True) + "\n"
-    return atomic_write_bytes(path, text.encode("utf-8"), fsync=fsync)
+def _json_bytes(obj: Any) -> bytes:
+    return (json.dumps(obj, separators=(",", ":"), allow_nan=True) + "\n").encode("utf-8")
+
+
+def npy_bytes(array: np.ndarray) -> bytes:
+    """``array`` as the bytes of a ``.npy`` file."""
+    buffer = io.BytesIO()
+    np.save(buffer, np.ascontiguousarray(array), allow_pickle=False)
+    return buffer.getvalue()
+
+
+from augnet._safeio import (  # noqa: E402, F401  (generic safe writes, kept importable here)
+    atomic_path,
+    atomic_write_bytes,
+    atomic_write_json,
+    remove_temp_files,
+)
 
 
 def atomic_save_npy(path: str | os.PathLike[str], array: np.ndarray, *, fsync: bool = True) -> Path:
     """Save ``array`` as ``.npy`` atomically."""
-    buffer = io.BytesIO()
-    np.save(buffer, np.ascontiguousarray(array), allow_pickle=False)
-    return atomic_write_bytes(path, buffer.getvalue(), fsync=fsync)
-
-
-def atomic_save_png(path: str | os.PathLike[str], pixels: np.ndarray) -> Path:
-    """Save a uint8 ``(height, width)`` or ``(height, width, 3|4)`` image as PNG atomically."""
-    from PIL import Image
-
-    buffer = io.BytesIO()
-    Image.fromarray(np.ascontiguousarray(pixels)).save(buffer, format="PNG")
-    return atomic_write_bytes(path, buffer.getvalue())
+    return atomic_write_bytes(path, npy_bytes(array), fsync=fsync)
 
 
 # --------------------------------------------------------------------------------------------
@@ -158,68 +163,27 @@ def atomic_save_png(path: str | os.PathLike[str], pixels: np.ndarray) -> Path:
 # --------------------------------------------------------------------------------------------
 
 
-def fingerprint(path: str | os.PathLike[str], row: int | None = None) -> dict[str, Any]:
-    """Identity of an input file for resume: absolute path, row, size and mtime (nanoseconds).
-
-    The path is made absolute without resolving symbolic links (as :func:`expand_inputs` does).
-    """
-    st = os.stat(path)
-    return {
-        "path": os.path.abspath(path),
-        "row": row,
-        "size": st.st_size,
-        "mtime_ns": st.st_mtime_ns,
-    }
+def _batch_name(batch_id: int) -> str:
+    return f"{batch_id:06d}"
 
 
-def _fp_key(fp: Mapping[str, Any]) -> str:
-    return fp["path"] if fp.get("row") is None else f"{fp['path']}[{fp['row']}]"
-
-
-def _fp_same(a: Mapping[str, Any], b: Mapping[str, Any]) -> bool:
-    return all(a.get(k) == b.get(k) for k in ("path", "row", "size", "mtime_ns"))
-
-
-def _read_json(path: Path) -> Any:
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
-
-
-def _batch_files(batch_dir: Path) -> list[Path]:
-    if not batch_dir.is_dir():
-        return []
-    return sorted(
-        p
-        for p in batch_dir.iterdir()
-        if p.suffix == ".json" and p.stem.isdigit() and not p.name.startswith(".")
-    )
-
-
-def _is_temp(p: Path) -> bool:
-    """A temporary file of an atomic write (ours: ``.x.tmp-PID-HEX.png``; pictures written by
-    ``augnet._render``/``_report``: ``.x.png.RANDOM.tmp``)."""
-    return p.name.startswith(".") and (_TMP_MARK in p.name or p.name.endswith(".tmp"))
-
-
-def remove_temp_files(folder: str | os.PathLike[str]) -> None:
-    """Delete temporary files left in ``folder`` by a process killed while writing."""
-    folder = Path(folder)
-    if folder.is_dir():
-        for p in folder.iterdir():
-            if _is_temp(p):
-                with contextlib.suppress(OSError):
-                    p.unlink()
+def _split(rel: str) -> tuple[str | None, str]:
+    parent, _, name = rel.rpartition("/")
+    return (parent or None), name
 
 
 class RunStore:
-    """The files of one run in one output folder. See the module docstring for the layout.
+    """The files of one run in one output folder; see the module docstring.
+
+    Use: :meth:`open` (creates the folder, takes its lock), :meth:`prepare` (checks what is there
+    against this run), :meth:`commit` per computed batch, :meth:`finish`, :meth:`close`.
 
     Example:
         >>> store = RunStore("results")  # doctest: +SKIP
-        >>> done = store.prepare(settings, resume=True, overwrite=False)
-        >>> with store.batch() as batch:
-        ...     batch.save_png(store.out_dir / "cat" / "output_0.png", pixels)
-        ...     batch.commit(entries, jacobian=values)
+        >>> store.open()
+        >>> done = store.prepare(settings, resume=True)        # {batch_id: record}
+        >>> store.commit(batch_result)
+        >>> store.finish(); store.close()
     """
 
     def __init__(self, out_dir: str | os.PathLike[str]):
@@ -228,354 +192,608 @@ class RunStore:
         self.batch_dir = self.out_dir / BATCH_DIR
         self.shard_dir = self.out_dir / SHARD_DIR
         self.summary_file = self.out_dir / SUMMARY_FILE
+        self.root: SafeDir | None = None
+        self.lock: _safeio.FolderLock | None = None
+        self.created_out_dir = False
+        self.run_id: str | None = None
+        self.resolved: dict[str, Any] = {}
         self._settings: dict[str, Any] | None = None
-        self.resolved: dict[str, Any] = {}  # choices made during the run, kept for --resume
-        self._next_batch = 0
-        self._latest: dict[str, dict[str, Any]] = {}
-        self._created_out_dir = False
+        self._run_header: dict[str, Any] = {}
+        self.committed: set[int] = set()  # batch ids with a valid record of this run
+        self.committed_now = 0  # batches committed by this process
+        self._summary_ok = True  # summary.jsonl == the committed batches' lines, in input order
+        self._wrote_run_file = False  # this process created run.json
 
-    # -- before the run ------------------------------------------------------------------------
+    # -- opening and closing ---------------------------------------------------------------------
 
-    def check_writable(self) -> None:
-        """Create the output folder if needed and check that a file can be written in it.
+    def open(self, *, command_line: str = "") -> RunStore:
+        """Create the output folder if needed, check that it can be written, take its lock.
 
         Raises:
-            OutputFolderError: naming the folder and the reason.
+            OutputFolderError: the folder cannot be created or written.
+            augnet._safeio.FolderLockedError: another augnet run is writing it.
         """
         try:
-            if not self.out_dir.is_dir():
-                self.out_dir.mkdir(parents=True, exist_ok=True)
-                self._created_out_dir = True
-            probe = temp_path_for(self.out_dir / "probe")
-            write_bytes(probe, b"")
-            probe.unlink()
+            existed = self.out_dir.is_dir()
+            self.root = SafeDir.open(self.out_dir, create=True)
+            self.root.display = str(self.out_dir)
+            self.created_out_dir = not existed
+            probe = _safeio.temp_name("probe")
+            fd, probe = self.root.create_temp("probe", probe)
+            os.close(fd)
+            self.root.discard(probe)
         except OSError as exc:
-            reason = exc.strerror or str(exc)
+            if self.root is not None:
+                self.root.close()
+                self.root = None
             raise OutputFolderError(
-                f"cannot write to output folder '{self.out_dir}': {reason}"
+                f"cannot write to output folder '{self.out_dir}': {exc.strerror or exc}"
             ) from None
+        try:
+            self.lock = _safeio.FolderLock(self.root, {"command": command_line}).acquire()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def close(self) -> None:
+        """Release the lock. A run that committed nothing removes what it wrote (``run.json``,
+        empty ``batches/``), and the output folder if it created it and left it empty."""
+        if self.root is not None and self._wrote_run_file and not self.committed:
+            root = self.root
+            with contextlib.suppress(OSError):
+                root.unlink(RUN_FILE)
+            for name in (BATCH_DIR, SHARD_DIR):
+                root.rmdir_if_empty(name)
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
+        if self.root is not None:
+            self.root.close()
+            self.root = None
+        if self.created_out_dir:
+            with contextlib.suppress(OSError):
+                self.out_dir.rmdir()  # only when empty
+
+    def __enter__(self) -> RunStore:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _root(self) -> SafeDir:
+        if self.root is None:
+            raise RuntimeError("RunStore.open() must be called first")
+        return self.root
+
+    def _sub(self, rel: str, create: bool = False) -> SafeDir:
+        return self._root().sub(rel, create=create)
+
+    @contextlib.contextmanager
+    def _dir_of(
+        self, rel: str, create: bool = False, created: list[str] | None = None
+    ) -> Iterator[tuple[SafeDir, str]]:
+        parent, name = _split(rel)
+        if parent is None:
+            yield self._root(), name
+            return
+        with self._root().sub(parent, create=create, created=created) as d:
+            yield d, name
+
+    # -- reading what is there -------------------------------------------------------------------
+
+    def read_run(self) -> dict[str, Any] | None:
+        """``run.json`` as a dict, ``None`` if absent.
+
+        Raises:
+            ExistingResultsError: unreadable, not written by augnet, or of another store format.
+        """
+        root = self._root()
+        st = root.lstat(RUN_FILE)
+        if st is None:
+            return None
+        where = f"'{self.run_file}'"
+        try:
+            run = json.loads(root.read_bytes(RUN_FILE))
+        except (OSError, ValueError) as exc:
+            raise ExistingResultsError(
+                f"cannot read {where} ({exc}); it was not written by augnet or is damaged: move "
+                "it away, or choose another output folder"
+            ) from None
+        if not isinstance(run, dict) or not isinstance(run.get("run_id"), str):
+            fmt = run.get("augnet_store") if isinstance(run, dict) else None
+            if fmt == 1:
+                raise ExistingResultsError(
+                    f"'{self.out_dir}' holds results of an earlier augnet (store format 1) whose "
+                    "files cannot be proven to be augnet's; delete that folder yourself, or choose "
+                    "another output folder"
+                )
+            raise ExistingResultsError(
+                f"{where} was not written by augnet (no run id); move it away, or choose another "
+                "output folder"
+            )
+        return run
+
+    def _batch_ids(self, suffix: str = ".json") -> list[int]:
+        try:
+            d = self._sub(BATCH_DIR)
+        except FileNotFoundError:
+            return []
+        with d:
+            ids = []
+            for name in d.listdir():
+                stem = name[: -len(suffix)] if name.endswith(suffix) else ""
+                if stem.isdigit() and len(stem) >= 6:
+                    ids.append(int(stem))
+            return sorted(ids)
+
+    def read_record(self, batch_id: int, suffix: str = ".json") -> dict[str, Any]:
+        """The record (or journal) of one batch, its paths checked.
+
+        Raises:
+            UnsafePathError: a path that leads outside the folder.
+            ExistingResultsError: unreadable, or of another run.
+        """
+        name = _batch_name(batch_id) + suffix
+        where = f"'{self.batch_dir / name}'"
+        with self._sub(BATCH_DIR) as d:
+            try:
+                record = json.loads(d.read_bytes(name))
+            except (OSError, ValueError) as exc:
+                if isinstance(exc, UnsafePathError):
+                    raise
+                raise ExistingResultsError(
+                    f"cannot read {where} ({exc}); move it away, or choose another output folder"
+                ) from None
+        if not isinstance(record, dict) or record.get("run_id") != self.run_id:
+            raise ExistingResultsError(
+                f"{where} does not belong to the run in '{self.run_file}' (another run id); "
+                "augnet did not write it for this run: move it away, or choose another output "
+                "folder"
+            )
+        files = record.get("files")
+        if not isinstance(files, dict):
+            raise ExistingResultsError(f"{where} is not an augnet batch record")
+        for rel in files:
+            _safeio.check_relative_path(rel, where=where, folder=self.out_dir)
+        for rel in record.get("temps", []):
+            parent, tmp = _split(str(rel))
+            if parent is not None:
+                _safeio.check_relative_path(parent, where=where, folder=self.out_dir)
+            if not _safeio.is_temp_name(tmp):
+                raise UnsafePathError(
+                    f"{where} lists the temporary file {rel!r}, which augnet did not name; remove "
+                    "that record, or choose another output folder"
+                )
+        if record.get("shard") is not None:
+            if record["shard"] not in files:
+                raise ExistingResultsError(f"{where} is not an augnet batch record")
+        for entry in record.get("inputs", []):
+            for rel in entry.get("files", []):
+                if rel not in files:
+                    raise ExistingResultsError(f"{where} is not an augnet batch record")
+        return record
+
+    def _proven(self, rel: str, digest: str) -> bool:
+        """Whether the file ``rel`` exists with exactly the content augnet wrote (``digest``)."""
+        try:
+            with self._dir_of(rel) as (d, name):
+                return d.hash(name) == digest
+        except (FileNotFoundError, NotADirectoryError, UnsafePathError):
+            return False
+
+    def _delete_proven(self, files: Mapping[str, str], temps: Iterable[str] = ()) -> None:
+        """Delete the files of ``files`` whose content is still what augnet wrote, and augnet's
+        temporary files named in ``temps``; then their folders when empty."""
+        folders = set()
+        for rel, digest in files.items():
+            if not self._proven(rel, digest):
+                continue
+            with self._dir_of(rel) as (d, name):
+                with contextlib.suppress(FileNotFoundError):
+                    d.unlink(name)
+            if "/" in rel and _split(rel)[0] not in (SHARD_DIR, BATCH_DIR):
+                folders.add(_split(rel)[0])
+        for rel in temps:
+            try:
+                with self._dir_of(rel) as (d, name):
+                    st = d.lstat(name)
+                    if st is not None and stat.S_ISREG(st.st_mode):
+                        d.unlink(name)
+            except (FileNotFoundError, NotADirectoryError, UnsafePathError):
+                pass
+        for folder in sorted(folders, key=lambda p: -p.count("/")):
+            parent, name = _split(folder)
+            try:
+                if parent is None:
+                    self._root().rmdir_if_empty(name)
+                else:
+                    with self._sub(parent) as d:
+                        d.rmdir_if_empty(name)
+            except (FileNotFoundError, UnsafePathError):
+                pass
+
+    def exists(self, rel: str) -> bool:
+        """Whether anything (a file, folder or link) is at ``rel`` in the folder."""
+        try:
+            with self._dir_of(rel) as (d, name):
+                return d.lstat(name) is not None
+        except (FileNotFoundError, NotADirectoryError):
+            return False
+        except UnsafePathError:
+            return True
+
+    def holds_files(self, name: str) -> bool:
+        """Whether ``name`` in the folder is anything but absent or an empty folder."""
+        return self._nonempty(name)
+
+    def _nonempty(self, name: str) -> bool:
+        st = self._root().lstat(name)
+        if st is None:
+            return False
+        if not stat.S_ISDIR(st.st_mode):
+            return True
+        try:
+            with self._sub(name) as d:
+                return bool(d.listdir())
+        except UnsafePathError:
+            return True
+
+    # -- before the run --------------------------------------------------------------------------
 
     def has_results(self) -> bool:
-        return self.run_file.exists() or bool(_batch_files(self.batch_dir))
+        """Whether the folder holds a run of augnet (``run.json`` or batch records)."""
+        root = self._root()
+        return (
+            root.lstat(RUN_FILE) is not None
+            or bool(self._batch_ids())
+            or bool(self._batch_ids(_PENDING))
+        )
 
     def prepare(
         self,
         settings: Mapping[str, Any],
         *,
+        command: str = "jacobian",
+        info: Mapping[str, Any] | None = None,
         resume: bool = False,
         overwrite: bool = False,
-        planned_paths: Iterable[Path] = (),
-    ) -> dict[str, dict[str, Any]]:
-        """Check the folder and return the inputs already finished (empty unless resuming).
+        planned_names: Iterable[str] = (),
+    ) -> list[int]:
+        """Check the folder against this run; returns the batch ids already committed (resume).
 
-        Nothing is written or deleted unless this returns (and ``overwrite`` deletes the previous
-        run's files only then).
+        Nothing is written or deleted unless the checks pass.
 
         Args:
-            settings: JSON-able settings of this run; ``--resume`` requires the same.
-            resume: continue a previous run in this folder.
-            overwrite: replace a previous run's results.
-            planned_paths: per-input paths the run will write; any that exists means the folder
-                holds results (from a run without records) and is refused without ``overwrite``.
-
-        Returns:
-            ``{input_key: entry}`` of the latest finished entry per input (see :meth:`is_done`).
+            settings: JSON-able settings of this run; ``resume`` requires the same.
+            command: who runs (``"jacobian"``, ``"demo"``), kept in ``run.json``.
+            info: more JSON-able fields for ``run.json`` (informational, not compared: e.g. the
+                model's file name, the input root relative to the output folder).
+            resume: continue the run in this folder.
+            overwrite: replace the run in this folder (and files of the user in the way).
+            planned_names: the per-input folders this run will write; one that exists and is not
+                empty means files of the user are in the way (refused without ``overwrite``).
 
         Raises:
-            OutputFolderError: the folder cannot be written.
-            ExistingResultsError: results exist and neither ``resume`` nor ``overwrite`` is set.
+            ExistingResultsError: results or files in the way and neither flag allows it.
             SettingsMismatchError: ``resume`` with different settings.
+            UnsafePathError: a record lists a path outside the folder.
         """
-        settings = json.loads(json.dumps(dict(settings)))  # normalise tuples -> lists
-        self.check_writable()
-        previous = self.has_results()
+        settings = json.loads(json.dumps(dict(settings)))  # tuples -> lists
+        run = self.read_run()
+        records = self._batch_ids()
+        pendings = self._batch_ids(_PENDING)
+        previous = run is not None or bool(records) or bool(pendings)
         if previous and not (resume or overwrite):
             raise ExistingResultsError(
                 f"'{self.out_dir}' already holds results; pass --resume to continue that run or "
                 "--overwrite to replace it"
             )
-        if not previous and not overwrite:
-            for p in planned_paths:
-                if p.exists() and (not p.is_dir() or any(p.iterdir())):
+        if run is None and (records or pendings):
+            raise ExistingResultsError(
+                f"'{self.batch_dir}' holds batch records but '{self.run_file}' is missing, so "
+                "augnet cannot prove they are its own: move them away, or choose another output "
+                "folder"
+            )
+        if run is None and not overwrite:
+            for name in planned_names:
+                if self._nonempty(name):
                     raise ExistingResultsError(
-                        f"'{p}' already exists; pass --overwrite to replace it or choose another --out"
+                        f"'{self.out_dir / name}' already exists; pass --overwrite to replace it "
+                        "or choose another --out"
                     )
-        if previous and resume and not overwrite:
-            old = self._read_settings()
-            if old is not None and old != settings:
+            for name in (SUMMARY_FILE, SHARD_DIR, BATCH_DIR, REPORT_FILE, REPORT_DIR):
+                if self._nonempty(name):
+                    raise ExistingResultsError(
+                        f"'{self.out_dir / name}' already exists and augnet did not write it; "
+                        "pass --overwrite to replace it, or choose another output folder"
+                    )
+        if run is not None and resume and not overwrite:
+            old = run.get("settings")
+            if old != settings:
                 diffs = [
                     f"{k}: {old.get(k)!r} -> {settings.get(k)!r}"
-                    for k in sorted(set(old) | set(settings))
-                    if old.get(k) != settings.get(k)
+                    for k in sorted(set(old or {}) | set(settings))
+                    if (old or {}).get(k) != settings.get(k)
                 ]
                 raise SettingsMismatchError(
                     f"cannot resume the run in '{self.out_dir}' with different settings "
                     f"({'; '.join(diffs)}); use the same options, or --overwrite"
                 )
-            self.resolved = self._read_run().get("resolved", {})
-            self._load_records()
-        elif previous and overwrite:
-            self._delete_previous()
-        self._cleanup_temp_files()
+            self.run_id = run["run_id"]
+            self.resolved = dict(run.get("resolved") or {})
+            self._run_header = run
+            journals = [self.read_record(b, _PENDING) for b in pendings]  # checked first
+            for journal in journals:
+                self._recover(journal, committed=journal["batch"] in records)
+            self.committed = set(records)  # each record is checked when it is read
+        else:
+            if run is not None:
+                self._replace_previous(run, records, pendings)
+            root = self._root()
+            st = root.lstat(SUMMARY_FILE)
+            if st is not None and not stat.S_ISDIR(st.st_mode):
+                root.unlink(SUMMARY_FILE)  # --overwrite (a file of the user was refused above)
+            self.run_id = _run_id(command, settings)
+            self._run_header = {
+                "augnet_store": STORE_FORMAT,
+                "run_id": self.run_id,
+                "command": command,
+                **dict(info or {}),
+                "settings": settings,
+                "resolved": {},
+            }
+        for folder in (None, BATCH_DIR, SHARD_DIR):
+            self._remove_temps(folder)
         self._settings = settings
-        return dict(self._latest)
+        self._summary_ok = not self.committed  # resume: the runner rewrites it from the records
+        return sorted(self.committed)
 
-    def _read_run(self) -> dict[str, Any]:
-        if not self.run_file.exists():
-            return {}
+    def _replace_previous(self, run, records: list[int], pendings: list[int]) -> None:
+        """``--overwrite``: delete the files the previous run can be proven to have written."""
+        self.run_id = run["run_id"]
+        docs = [(b, self.read_record(b)) for b in records]  # all checked before any deletion
+        docs += [(b, self.read_record(b, _PENDING)) for b in pendings]
+        for _, doc in docs:
+            self._delete_proven(doc["files"], doc.get("temps", ()))
+        with self._sub(BATCH_DIR) as d:
+            for b in records:
+                d.unlink(_batch_name(b) + ".json")
+            for b in pendings:
+                d.unlink(_batch_name(b) + _PENDING)
+        root = self._root()
+        for name in (RUN_FILE, SUMMARY_FILE):
+            st = root.lstat(name)
+            if st is not None and stat.S_ISREG(st.st_mode):
+                root.unlink(name)
+
+    def _recover(self, journal: dict[str, Any], *, committed: bool) -> None:
+        """Clean up after a process killed while committing a batch (from its journal)."""
+        if not committed:
+            self._delete_proven(journal["files"], journal.get("temps", ()))
+        else:
+            self._delete_proven({}, journal.get("temps", ()))
+        with self._sub(BATCH_DIR) as d:
+            d.unlink(_batch_name(journal["batch"]) + _PENDING)
+
+    def _remove_temps(self, folder: str | None) -> None:
         try:
-            return _read_json(self.run_file)
-        except (OSError, ValueError) as exc:
-            raise ExistingResultsError(
-                f"cannot read '{self.run_file}' ({exc}); use --overwrite to start again"
-            ) from None
+            d = self._root() if folder is None else self._sub(folder)
+        except (FileNotFoundError, UnsafePathError):
+            return
+        try:
+            for name in d.listdir():
+                st = d.lstat(name)
+                if _safeio.is_temp_name(name) and st is not None and stat.S_ISREG(st.st_mode):
+                    d.unlink(name)
+        finally:
+            if folder is not None:
+                d.close()
 
-    def _read_settings(self) -> dict[str, Any] | None:
-        return self._read_run().get("settings")
-
-    def _load_records(self) -> None:
-        for f in _batch_files(self.batch_dir):
-            record = _read_json(f)
-            self._next_batch = max(self._next_batch, int(f.stem) + 1)
-            for entry in record["inputs"]:
-                self._latest[entry["key"]] = entry
-
-    def _delete_previous(self) -> None:
-        files = _batch_files(self.batch_dir)
-        for f in files:
+    def record_is_complete(self, record: Mapping[str, Any]) -> bool:
+        """Whether every file a record lists is still there (a regular file)."""
+        for rel in record["files"]:
             try:
-                record = _read_json(f)
-            except (OSError, ValueError):
-                continue
-            for entry in record.get("inputs", []):
-                for rel in entry.get("files", []):
-                    target = self.out_dir / rel
-                    with contextlib.suppress(OSError):
-                        target.unlink()
-                    with contextlib.suppress(OSError):
-                        target.parent.rmdir()  # only if now empty
-            if record.get("shard"):
-                with contextlib.suppress(OSError):
-                    (self.out_dir / record["shard"]).unlink()
-        for f in files:
-            f.unlink()
-        for p in (self.run_file, self.summary_file):
-            with contextlib.suppress(FileNotFoundError):
-                p.unlink()
+                with self._dir_of(rel) as (d, name):
+                    st = d.lstat(name)
+            except (FileNotFoundError, NotADirectoryError, UnsafePathError):
+                return False
+            if st is None or not stat.S_ISREG(st.st_mode):
+                return False
+        return True
 
-    def _cleanup_temp_files(self) -> None:
-        for d in (self.out_dir, self.batch_dir, self.shard_dir):
-            remove_temp_files(d)
+    def discard(self, batch_id: int) -> None:
+        """Delete a committed batch: its provable files, then its record."""
+        if batch_id not in self.committed:
+            return
+        record = self.read_record(batch_id)
+        self._delete_proven(record["files"])
+        with self._sub(BATCH_DIR) as d:
+            d.unlink(_batch_name(batch_id) + ".json")
+        self.committed.discard(batch_id)
+        self._summary_ok = False
 
-    def is_done(self, key: str, fp: Mapping[str, Any]) -> bool:
-        """Whether input ``key`` has a finished entry with the same fingerprint."""
-        entry = self._latest.get(key)
-        return entry is not None and _fp_same(entry, fp)
+    def check_free(self, rels: Iterable[str]) -> None:
+        """Refuse (before any work) if a path this run writes holds something augnet cannot
+        prove it wrote: a file of the user, or a link.
 
-    # -- during the run ------------------------------------------------------------------------
-
-    @contextlib.contextmanager
-    def batch(self) -> Iterator[_Batch]:
-        """A batch of files that become part of the results only when :meth:`_Batch.commit` runs.
-
-        If the block raises (including ``KeyboardInterrupt``) before the commit, every file the
-        batch wrote is deleted, and folders it created are removed when empty.
+        Raises:
+            ExistingResultsError: naming the first such path.
         """
-        b = _Batch(self)
-        try:
-            yield b
-        except BaseException:
-            b._abort()
-            raise
+        for rel in rels:
+            if self.exists(rel):
+                raise ExistingResultsError(
+                    f"'{self.out_dir / rel}' already exists and is not in this run's records; "
+                    "augnet does not replace files it cannot prove it wrote: move it away, or "
+                    "pass --overwrite"
+                )
 
-    def _commit(self, entries: Sequence[Mapping[str, Any]], jacobian: np.ndarray | None, b: _Batch):
+    def set_resolved(self, key: str, value: Any) -> None:
+        """Record a choice made during the run (e.g. the strategy), kept for ``--resume``."""
+        self.resolved[key] = json.loads(json.dumps(value))
+        if self._root().lstat(RUN_FILE) is not None:
+            self._write_run_file()
+
+    def _write_run_file(self) -> None:
+        header = dict(self._run_header, resolved=self.resolved)
+        self._run_header = header
+        self._root().write_atomic(RUN_FILE, _json_bytes(header), fsync=True)
+
+    # -- during the run --------------------------------------------------------------------------
+
+    def commit(self, result: BatchResult) -> bool:
+        """Write one computed batch: its pictures, its shard, then its record (the commit point),
+        then its ``summary.jsonl`` lines. Idempotent by batch id.
+
+        Returns:
+            ``True`` if written; ``False`` if this batch was already committed (a batch computed
+            twice, e.g. by a worker that died and by its replacement): nothing is written then.
+
+        Raises:
+            OSError: a full disk, naming the file; the batch's files are removed again.
+        """
         if self._settings is None:
             raise RuntimeError("RunStore.prepare() must be called before committing a batch")
-        number = self._next_batch
-        shard = None
-        if jacobian is not None:
-            if len(jacobian) != len(entries):
+        b = int(result.batch_id)
+        if b in self.committed:
+            return False
+        files: dict[str, bytes] = {}
+        for inp in result.inputs:
+            for rel, data in inp.files.items():
+                _safeio.check_relative_path(rel, where="a computed batch", folder=self.out_dir)
+                files[rel] = data
+        shard_rel = None
+        if result.jacobian is not None:
+            if len(result.jacobian) != len(result.inputs):
                 raise ValueError(
-                    f"jacobian has {len(jacobian)} rows for {len(entries)} inputs in the batch"
+                    f"jacobian has {len(result.jacobian)} rows for {len(result.inputs)} inputs"
                 )
-            self.shard_dir.mkdir(exist_ok=True)
-            shard_path = self.shard_dir / f"{number:06d}.npy"
-            b.files.append(shard_path)
-            atomic_save_npy(shard_path, np.asarray(jacobian, dtype=np.float32))
-            shard = f"{SHARD_DIR}/{shard_path.name}"
-        if not self.run_file.exists():
-            atomic_write_json(
-                self.run_file,
-                {
+            shard_rel = f"{SHARD_DIR}/{_batch_name(b)}.npy"
+            files[shard_rel] = npy_bytes(np.asarray(result.jacobian, dtype=np.float32))
+        digests = {rel: _safeio.hash_bytes(data) for rel, data in files.items()}
+        temps = {rel: _safeio.temp_name(_split(rel)[1]) for rel in files}
+        root = self._root()
+        if root.lstat(RUN_FILE) is None:
+            self._write_run_file()
+            self._wrote_run_file = True
+        with self._sub(BATCH_DIR, create=True) as batches:
+            journal = {
+                "run_id": self.run_id,
+                "batch": b,
+                "files": digests,
+                "temps": [
+                    (f"{_split(rel)[0]}/{t}" if "/" in rel else t) for rel, t in temps.items()
+                ],
+            }
+            # not flushed: a killed process leaves its page cache written; only a power cut could
+            # lose the journal (then its files, unprovable, are refused, never deleted)
+            batches.write_atomic(_batch_name(b) + _PENDING, _json_bytes(journal))
+            written: list[str] = []
+            created: list[str] = []
+            try:
+                for rel, data in files.items():
+                    with self._dir_of(rel, create=True, created=created) as (d, name):
+                        d.write_atomic(name, data, tmp=temps[rel], fsync=rel == shard_rel)
+                    written.append(rel)
+                record = {
                     "augnet_store": STORE_FORMAT,
-                    "settings": self._settings,
-                    "resolved": json.loads(json.dumps(self.resolved)),
-                },
-            )
-        self.batch_dir.mkdir(exist_ok=True)
-        record = {
-            "batch": number,
-            "shard": shard,
-            "inputs": [dict(e) for e in entries],
-        }
-        record = json.loads(json.dumps(record))
-        atomic_write_json(self.batch_dir / f"{number:06d}.json", record)  # the commit point
-        self._next_batch = number + 1
-        for entry in record["inputs"]:
-            self._latest[entry["key"]] = entry
-        return record
-
-    def write_summary(self, keys: Iterable[str]) -> Path:
-        """Rewrite ``summary.jsonl`` (atomically): the summary of each finished input, in order."""
-        lines = []
-        for key in keys:
-            entry = self._latest.get(key)
-            if entry is not None and "summary" in entry:
-                lines.append(json.dumps(entry["summary"], sort_keys=False))
-        text = "".join(line + "\n" for line in lines)
-        return atomic_write_bytes(self.summary_file, text.encode("utf-8"))
-
-    def remove_if_empty(self) -> None:
-        """Remove the output folder if this store created it and it is still empty."""
-        if self._created_out_dir:
+                    "run_id": self.run_id,
+                    "batch": b,
+                    "inputs": [
+                        {
+                            "key": inp.key,
+                            "name": inp.name,
+                            "fingerprint": inp.fingerprint,
+                            "outputs": [int(o) for o in inp.outputs],
+                            "files": list(inp.files),
+                            "summary": inp.summary,
+                        }
+                        for inp in result.inputs
+                    ],
+                    "shard": shard_rel,
+                    "files": digests,
+                }
+                batches.write_atomic(_batch_name(b) + ".json", _json_bytes(record), fsync=True)
+            except BaseException:
+                self._delete_proven({rel: digests[rel] for rel in written})
+                for folder in sorted(created, key=lambda p: -p.count("/")):
+                    parent, name = _split(folder)
+                    with contextlib.suppress(OSError):
+                        if parent is None:
+                            root.rmdir_if_empty(name)
+                        else:
+                            with self._sub(parent) as d:
+                                d.rmdir_if_empty(name)
+                with contextlib.suppress(OSError):
+                    batches.unlink(_batch_name(b) + _PENDING)
+                raise
             with contextlib.suppress(OSError):
-                self.out_dir.rmdir()
+                batches.unlink(_batch_name(b) + _PENDING)
+        self.committed.add(b)
+        self.committed_now += 1
+        lines = b"".join(
+            json.dumps(inp.summary, sort_keys=False).encode("utf-8") + b"\n"
+            for inp in result.inputs
+        )
+        # summary.jsonl stays in input order while batches are committed in order
+        self._summary_ok = self._summary_ok and b > max(self.committed - {b}, default=-1)
+        root.append(SUMMARY_FILE, lines)
+        return True
+
+    def rewrite_summary(self) -> Path:
+        """Rewrite ``summary.jsonl`` from the records, in input order (streamed, one record at a
+        time), atomically; remove it when no batch is committed."""
+        root = self._root()
+        if not self.committed:
+            st = root.lstat(SUMMARY_FILE)
+            if st is not None and stat.S_ISREG(st.st_mode):
+                root.unlink(SUMMARY_FILE)
+            self._summary_ok = True
+            return self.summary_file
+        fd, tmp = root.create_temp(SUMMARY_FILE)
+        try:
+            try:
+                for b in sorted(self.committed):
+                    record = self.read_record(b)
+                    data = b"".join(
+                        json.dumps(e["summary"], sort_keys=False).encode("utf-8") + b"\n"
+                        for e in record["inputs"]
+                    )
+                    _safeio._write(fd, data)
+            finally:
+                os.close(fd)
+            root.publish(tmp, SUMMARY_FILE)
+        except BaseException as exc:
+            root.discard(tmp)
+            if isinstance(exc, OSError):
+                raise _safeio.named(exc, self.summary_file) from None
+            raise
+        self._summary_ok = True
+        return self.summary_file
+
+    def finish(self) -> None:
+        """End of the run: ``summary.jsonl`` lists every committed input once, in input order
+        (rewritten from the records only when batches were committed out of order)."""
+        if not self._summary_ok:
+            self.rewrite_summary()
 
 
-class _Batch:
-    """Files written for one batch; see :meth:`RunStore.batch`."""
+def _run_id(command: str, settings: Mapping[str, Any]) -> str:
+    """The run's id: a digest of its command and the settings that shape its results (the
+    model's content included; not the strategy asked for, as ``auto`` resolves to a concrete one
+    kept in ``run.json``).
 
-    def __init__(self, store: RunStore):
-        self.store = store
-        self.files: list[Path] = []
-        self.dirs: list[Path] = []
-        self.committed = False
-
-    def adopt(self, path: str | os.PathLike[str]) -> Path:
-        """Count a file written by other code (atomically) as part of the batch: its folder is
-        created now, and the file is deleted if the batch fails."""
-        path = Path(path)
-        self.files.append(path)
-        self.makedirs(path.parent)
-        return path
-
-    def makedirs(self, folder: Path) -> Path:
-        """Create ``folder`` (and parents) if missing; remembered for clean-up on failure."""
-        folder = Path(folder)
-        missing = []
-        p = folder
-        while not p.exists():
-            missing.append(p)
-            if p.parent == p:
-                break
-            p = p.parent
-        folder.mkdir(parents=True, exist_ok=True)
-        self.dirs.extend(missing)
-        return folder
-
-    def path(self, path: str | os.PathLike[str]) -> contextlib.AbstractContextManager[Path]:
-        """Like :func:`atomic_path`, and the file is deleted if the batch fails."""
-        self.adopt(path)
-        return atomic_path(path)
-
-    def save_png(self, path: str | os.PathLike[str], pixels: np.ndarray) -> Path:
-        self.adopt(path)
-        return atomic_save_png(path, pixels)
-
-    def commit(
-        self, entries: Sequence[Mapping[str, Any]], jacobian: np.ndarray | None = None
-    ) -> dict[str, Any]:
-        """Write the shard (if any), then the commit record. Returns the record.
-
-        Args:
-            entries: one dict per input, each with at least ``key`` and the fingerprint fields
-                (:func:`fingerprint`); ``files`` (paths relative to the output folder),
-                ``outputs`` and ``summary`` are stored too.
-            jacobian: the batch's raw Jacobian ``(b, k, *input_shape)``, or ``None``.
-        """
-        record = self.store._commit(entries, jacobian, self)
-        self.committed = True
-        return record
-
-    def _abort(self) -> None:
-        if self.committed:
-            return
-        for f in reversed(self.files):
-            with contextlib.suppress(OSError):
-                f.unlink()
-        for d in reversed(sorted(set(self.dirs), key=lambda p: len(p.parts))):
-            with contextlib.suppress(OSError):
-                d.rmdir()
-
-
-# --------------------------------------------------------------------------------------------
-# Reading a store (also while a run is still writing it)
-# --------------------------------------------------------------------------------------------
-
-
-class StoredResults:
-    """The finished inputs of a run folder, read from its commit records.
-
-    Attributes:
-        out_dir: the folder.
-        settings: the run's settings (``run.json``), or ``None`` if not written yet.
-        entries: one dict per finished input (the latest entry per input key), in commit order;
-            each has ``key``, ``name``, ``path``, ``row``, ``outputs``, ``files``, ``summary``,
-            and ``shard``/``shard_row`` when raw Jacobians were stored.
-
-    Example:
-        >>> results = load_results("jacobian_results")  # doctest: +SKIP
-        >>> results.jacobian(0).shape  # (k, *input_shape) of the first input
-        (3, 16, 16, 1)
-        >>> results.to_array().shape  # (n_inputs, k, *input_shape)
-        (120, 3, 16, 16, 1)
+    Deterministic, so that the same run (the demo on a fresh clone) writes the same bytes; every
+    record and journal carries it, and a record without it is not this run's.
     """
-
-    def __init__(self, out_dir: Path, settings: dict[str, Any] | None, entries: list[dict]):
-        self.out_dir = out_dir
-        self.settings = settings
-        self.entries = entries
-        self._index = {e["key"]: i for i, e in enumerate(entries)}
-
-    def __len__(self) -> int:
-        return len(self.entries)
-
-    @property
-    def keys(self) -> list[str]:
-        return [e["key"] for e in self.entries]
-
-    def _shard(self, rel: str) -> np.ndarray:
-        return np.load(self.out_dir / rel, mmap_mode="r", allow_pickle=False)
-
-    def jacobian(self, which: int | str) -> np.ndarray:
-        """Raw Jacobian ``(k, *input_shape)`` of one input, by position or key (memory-mapped)."""
-        entry = self.entries[self._index[which] if isinstance(which, str) else which]
-        if entry.get("shard") is None:
-            raise ValueError(
-                f"no raw Jacobian was stored for '{entry['key']}'; run with --format npy"
-            )
-        return self._shard(entry["shard"])[entry["shard_row"]]
-
-    def to_array(self) -> np.ndarray:
-        """All raw Jacobians, ``(n_inputs, k, *input_shape)`` float32 (loads them into memory)."""
-        if not self.entries:
-            return np.zeros((0,), dtype=np.float32)
-        return np.stack([np.asarray(self.jacobian(i)) for i in range(len(self))])
+    shaping = {k: v for k, v in settings.items() if k != "strategy"}
+    text = json.dumps({"command": command, "settings": shaping}, sort_keys=True)
+    return _safeio.hash_bytes(text.encode("utf-8"))[3:19]
 
 
-def load_results(out_dir: str | os.PathLike[str]) -> StoredResults:
-    """Read the finished part of a run folder (safe while the run is still writing it).
+# jacobian_to_npy's file (checked before any work, streamed into place) lives in augnet._npyfile;
+# the engine calls it as augnet._store.write_npy_stream.
+from augnet._npyfile import disk_free, write_npy_stream  # noqa: E402, F401
 
-    Only committed batches are seen: each record is written after its shard, both atomically.
-    """
-    out_dir = Path(out_dir)
-    run_file = out_dir / RUN_FILE
-    settings = _read_json(run_file).get("settings") if run_file.exists() else None
-    latest: dict[str, dict[str, Any]] = {}
-    for f in _batch_files(out_dir / BATCH_DIR):
-        record = _read_json(f)
-        for i, entry in enumerate(record["inputs"]):
-            entry = dict(entry, shard=record.get("shard"), shard_row=i)
-            latest.pop(entry["key"], None)  # a recomputed input moves to its latest position
-            latest[entry["key"]] = entry
-    return StoredResults(out_dir, settings, list(latest.values()))
+# Reading a run folder lives in augnet._results (kept importable from here).
+from augnet._results import StoredResults, load_results, read_run_header  # noqa: E402, F401

@@ -93,16 +93,9 @@ def _set_threads(threads: int | None) -> None:
             f"Received an invalid value for `threads`, expected a positive int or None. "
             f"Received: threads={threads!r}"
         )
-    import keras
+    from augnet import _backend
 
-    if keras.backend.backend() == "tensorflow":
-        import tensorflow as tf
-
-        try:
-            tf.config.threading.set_intra_op_parallelism_threads(threads)
-            tf.config.threading.set_inter_op_parallelism_threads(threads)
-        except RuntimeError:  # TensorFlow already started in this process: keep its setting
-            pass
+    _backend.set_threads(threads)
 
 
 class JacobianBatch:

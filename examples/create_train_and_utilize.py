@@ -13,7 +13,7 @@ The network learns ``f(x) = [sin(x1*x2), cos(x3*x4)]`` for ``x`` in ``[-1, 1]^4`
 
 Run it::
 
-    python examples/create_train_and_utilize.py            # ~10-30 s on a laptop CPU
+    python examples/create_train_and_utilize.py            # 15-35 s on a 2-core CPU
 """
 
 from __future__ import annotations

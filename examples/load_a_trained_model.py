@@ -14,7 +14,7 @@ checks it rather than only drawing it:
 
 Run it from the repository root::
 
-    python examples/load_a_trained_model.py              # a few seconds
+    python examples/load_a_trained_model.py              # about 12 s (mostly importing TensorFlow)
 """
 
 from __future__ import annotations

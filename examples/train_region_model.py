@@ -30,7 +30,7 @@ fields, rectangles, Gaussian blobs and ramps, mixed and rescaled. Training image
 held-out images are drawn the same way but upsampled bilinearly with pixel noise added, and the
 sample photograph is held out too.
 
-Run it (a few minutes on a 2-core CPU)::
+Run it (about 2 minutes on a 2-core CPU)::
 
     python examples/train_region_model.py --overwrite          # replaces augnet/data/region_cnn.keras
     python examples/train_region_model.py --out /tmp/m.keras --epochs 1

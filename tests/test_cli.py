@@ -9,6 +9,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -21,7 +22,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from augnet import _cli, _imageio, _store
+from augnet import _cli, _compute, _imageio, _runner, _safeio, _store
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -217,7 +218,8 @@ def test_jacobian_writes_every_file(capsys, tiny_model, images, tmp_path, spy_sh
             with Image.open(out / name / f) as im:
                 im.load()
                 if f.startswith("output"):
-                    assert im.size == (256, 256) and im.mode == "RGB"
+                    # the 256x256 map, and under it the colour bar in real units (issue 9)
+                    assert im.size[0] == 256 and 256 < im.size[1] < 320 and im.mode == "RGB"
     # one contact sheet per input: the input, 3 outputs and the colour bar
     assert spy_sheets == [["input", "output 0", "output 1", "output 2", "colorbar"]] * 4
 
@@ -361,7 +363,7 @@ def test_resume_after_interrupt_is_byte_identical(
     capsys, monkeypatch, tiny_model, images, tmp_path
 ):
     out = tmp_path / "out"
-    real_commit = _store._Batch.commit
+    real_commit = _store.RunStore.commit
     commits = []
 
     def commit_then_interrupt(self, *args, **kwargs):
@@ -371,7 +373,7 @@ def test_resume_after_interrupt_is_byte_identical(
             raise KeyboardInterrupt  # Ctrl-C right after the 2nd batch
         return record
 
-    monkeypatch.setattr(_store._Batch, "commit", commit_then_interrupt)
+    monkeypatch.setattr(_store.RunStore, "commit", commit_then_interrupt)
     code, _, err = run(capsys, *_job_args(tiny_model, images, out, strategy="auto"))
     assert code == 130 and "--resume" in err
     assert len(_store.load_results(out)) == 4  # two finished batches, readable
@@ -379,16 +381,18 @@ def test_resume_after_interrupt_is_byte_identical(
     assert strategy in ("loop", "pfor", "forward")
     monkeypatch.undo()
     # the resumed run uses the strategy chosen on the first batch, never a new timing
-    monkeypatch.setattr(_cli, "resolve_strategy", lambda *a, **k: pytest.fail("resolved again"))
+    monkeypatch.setattr(
+        _compute, "resolve_strategy_for_x", lambda *a, **k: pytest.fail("resolved again")
+    )
 
     computed = []
-    real_compute = _cli.Job.compute
+    real_compute = _runner.compute_batch
 
-    def spy(self, x):
-        computed.append(len(x))
-        return real_compute(self, x)
+    def spy(model, batch, config, **kwargs):
+        computed.append(len(batch.items))
+        return real_compute(model, batch, config, **kwargs)
 
-    monkeypatch.setattr(_cli.Job, "compute", spy)
+    monkeypatch.setattr(_runner, "compute_batch", spy)
     code, _, err = run(capsys, *_job_args(tiny_model, images, out, strategy="auto"), "--resume")
     assert code == 0, err
     assert computed == [2, 1]  # only the 3 unfinished inputs
@@ -405,16 +409,17 @@ def test_interrupt_inside_a_batch_leaves_no_partial_batch(
     capsys, monkeypatch, tiny_model, images, tmp_path, reference_run
 ):
     out = tmp_path / "out"
-    real_save = _store.atomic_save_png
+    real_save = _safeio.SafeDir.write_atomic
     calls = []
 
-    def save_then_interrupt(path, pixels):
-        calls.append(path)
-        if len(calls) == 10:  # 2nd batch: after img2's 3 maps, at img3's first
-            raise KeyboardInterrupt
-        return real_save(path, pixels)
+    def save_then_interrupt(self, name, data, **kwargs):
+        if name.endswith(".png"):
+            calls.append(name)
+            if len(calls) == 10:  # 2nd batch: after img2's 3 maps, at img3's first
+                raise KeyboardInterrupt
+        return real_save(self, name, data, **kwargs)
 
-    monkeypatch.setattr(_store, "atomic_save_png", save_then_interrupt)
+    monkeypatch.setattr(_safeio.SafeDir, "write_atomic", save_then_interrupt)
     code, _, _ = run(capsys, *_job_args(tiny_model, images, out))
     assert code == 130
     monkeypatch.undo()
@@ -433,7 +438,7 @@ def test_refuses_to_overwrite_before_computing(
     out = tmp_path / "out"
     shutil.copytree(reference_run, out)
     before = _raw_files(out)
-    monkeypatch.setattr(_cli.Job, "compute", lambda *a: pytest.fail("computed anyway"))
+    monkeypatch.setattr(_runner, "compute_batch", lambda *a, **k: pytest.fail("computed anyway"))
     code, _, err = run(capsys, *_job_args(tiny_model, images, out))
     assert_one_line_error(code, err, r"already holds results; pass --resume .* --overwrite")
     assert _raw_files(out) == before
@@ -613,16 +618,17 @@ def test_user_errors(capsys, case, tmp_path, tiny_model, images, five_channel_mo
 
 def test_disk_full(capsys, monkeypatch, tiny_model, images, tmp_path):
     out = tmp_path / "out"
-    real = _store.write_bytes
+    real = _safeio._write
     writes = []
 
-    def fill_up(path, data, fsync=False):
+    def fill_up(fd, data):
+        path = Path(os.readlink(f"/proc/self/fd/{fd}"))  # the temporary file being written
         writes.append(path)
         if path.parent.name == "img3":  # 2nd batch, after img2's maps were written
             raise OSError(errno.ENOSPC, "No space left on device")
-        return real(path, data, fsync=fsync)
+        return real(fd, data)
 
-    monkeypatch.setattr(_store, "write_bytes", fill_up)
+    monkeypatch.setattr(_safeio, "_write", fill_up)
     code, _, err = run(capsys, *_job_args(tiny_model, images, out))
     assert_one_line_error(code, err, r"no space left on device while writing '.*'; .* --resume")
     monkeypatch.undo()
@@ -786,3 +792,225 @@ def test_info_sample_prints_the_sensitivity_summary(capsys, keras, tmp_path):
     assert f"spectral norm {np.linalg.norm(J, 2):.4g}" in out
     for k in range(2):
         assert f"L1 {np.abs(J[k]).sum():.4g}  L2 {np.linalg.norm(J[k]):.4g}" in out
+
+
+# ----------------------------------------------------------------------------------------------
+# issue 9: argument errors, concurrent runs, signals, info's top outputs
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "argv, pattern",
+    [
+        (["jacobian"], r"required: MODEL, INPUT; see 'augnet jacobian --help'$"),
+        (["jacobian", "m", "x", "--outputs", "1,,2"], r"--outputs: expected output indices"),
+        (
+            ["jacobian", "m", "x", "--bogus"],
+            r"unrecognized arguments: --bogus; see 'augnet jacobian --help'$",
+        ),
+        (["info"], r"required: MODEL; see 'augnet info --help'$"),
+        (["demo", "--percentile", "200"], r"--percentile: expected a number in \(0, 100\]"),
+        (["frobnicate"], r"invalid choice: 'frobnicate'.*see 'augnet --help'$"),
+        (["jacobian", "m", "x", "--overwrite", "--resume"], r"not allowed with argument"),
+    ],
+)
+def test_argument_errors_are_one_line(capsys, argv, pattern):
+    code, out, err = run(capsys, *argv)
+    assert_one_line_error(code, err, pattern)
+    assert out == "" and "usage:" not in err
+
+
+def test_argument_error_as_a_process_is_one_line():
+    done = subprocess.run(
+        [*_command(), "jacobian", "--top-k", "0", "m.keras", "x.png"],
+        capture_output=True,
+        text=True,
+        env=_env(),
+        timeout=60,
+    )
+    assert_one_line_error(
+        done.returncode, done.stderr, r"--top-k: expected a positive integer.*--help"
+    )
+
+
+def _slow_args(model, images, out):
+    """One input per batch, with contact sheets: a run of a few seconds."""
+    return [
+        "jacobian",
+        str(model),
+        str(images),
+        "--out",
+        str(out),
+        "--batch-size",
+        "1",
+        "--quiet",
+        "--strategy",
+        "loop",
+        "--format",
+        "png,npy",
+    ]
+
+
+def _wait_for(path: Path, proc, timeout=120):
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        assert proc.poll() is None, proc.stderr.read().decode() if proc.stderr else proc.returncode
+        assert time.monotonic() < deadline, f"{path} never appeared"
+        time.sleep(0.005)
+
+
+def test_a_second_concurrent_run_is_refused_naming_the_first(tiny_model, images, tmp_path):
+    out = tmp_path / "out"
+    first = subprocess.Popen(
+        [*_command(), *_slow_args(tiny_model, images, out)],
+        env=_env(),
+        cwd=tmp_path,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        _wait_for(out / _safeio.LOCK_NAME, first)
+        second = subprocess.run(
+            [*_command(), *_slow_args(tiny_model, images, out), "--overwrite"],
+            capture_output=True,
+            text=True,
+            env=_env(),
+            cwd=tmp_path,
+            timeout=120,
+        )
+        assert_one_line_error(
+            second.returncode,
+            second.stderr,
+            rf"out' is in use by another augnet run \(process {first.pid} on .*augnet jacobian .*\); "
+            "wait for it to finish",
+        )
+        assert first.wait(timeout=300) == 0, first.stderr.read().decode()
+    finally:
+        if first.poll() is None:
+            first.kill()
+        first.wait()
+        first.stderr.close()
+    reference = tmp_path / "reference"
+    assert _cli.main(_slow_args(tiny_model, images, reference)) == 0
+    assert _raw_files(out) == _raw_files(reference)  # the first run, whole and alone
+
+
+_KILL_IN_COMMIT = """
+import os, signal, sys
+from augnet import _safeio
+real = _safeio.SafeDir.write_atomic
+count = [0]
+def write_atomic(self, name, data, **kwargs):
+    if name.endswith(".png"):
+        count[0] += 1
+        if count[0] == int(os.environ["KILL_AT"]):
+            os.kill(os.getpid(), signal.SIGKILL)  # no clean-up at all
+    return real(self, name, data, **kwargs)
+_safeio.SafeDir.write_atomic = write_atomic
+from augnet._cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_sigkill_inside_the_first_batch_then_resume(tiny_model, images, tmp_path):
+    """Killed while the first (and only) batch writes its files: --resume cleans up from the
+    batch's journal and finishes byte-identical (issue 9: it used to be refused)."""
+    out = tmp_path / "out"
+    args = _job_args(tiny_model, images, out, batch_size=7)
+    done = subprocess.run(
+        [sys.executable, "-c", _KILL_IN_COMMIT, *[str(a) for a in args]],
+        env={**_env(), "KILL_AT": "5"},
+        cwd=tmp_path,
+        capture_output=True,
+        timeout=300,
+    )
+    assert done.returncode == -signal.SIGKILL, done.stderr.decode()
+    assert (out / "batches" / "000000.pending").exists()  # the journal of the killed batch
+    assert len(list(out.glob("img*/output_*.png"))) == 4 and len(_store.load_results(out)) == 0
+    assert _cli.main([str(a) for a in args] + ["--resume"]) == 0
+    reference = tmp_path / "reference"
+    assert _cli.main([str(a) for a in _job_args(tiny_model, images, reference, 7)]) == 0
+    assert _raw_files(out) == _raw_files(reference)
+
+
+def test_sigterm_stops_the_run_cleanly(tiny_model, images, tmp_path):
+    out = tmp_path / "out"
+    proc = subprocess.Popen(
+        [*_command(), *_slow_args(tiny_model, images, out)],
+        env=_env(),
+        cwd=tmp_path,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        _wait_for(out / "batches" / "000001.json", proc)
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(timeout=120)
+        err = proc.stderr.read().decode()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+        proc.stderr.close()
+    lines = err.strip().splitlines()
+    assert code == 143 and len(lines) == 1, err
+    assert re.match(
+        r"augnet: terminated; \d input\(s\) finished in this run are kept in .*--resume", lines[0]
+    )
+    finished = len(_store.load_results(out))
+    assert 2 <= finished < 7
+    assert not list(out.glob("batches/*.pending")) and not (out / _safeio.LOCK_NAME).exists()
+    # the summary already lists every finished input (it grows batch by batch)
+    assert len((out / "summary.jsonl").read_text().splitlines()) == finished
+    assert _cli.main(_slow_args(tiny_model, images, out) + ["--resume"]) == 0
+    reference = tmp_path / "reference"
+    assert _cli.main(_slow_args(tiny_model, images, reference)) == 0
+    assert _raw_files(out) == _raw_files(reference)
+
+
+def test_info_sample_lists_the_largest_outputs(capsys, keras, tmp_path):
+    """30 outputs of a linear model: the 20 with the largest gradient, largest first."""
+    rng = np.random.default_rng(3)
+    kernel = (rng.normal(size=(4, 30)) * np.linspace(0.1, 3.0, 30)).astype("float32")
+    inp = keras.Input((4,))
+    dense = keras.layers.Dense(30, use_bias=False)
+    model = keras.Model(inp, dense(inp))
+    dense.set_weights([kernel])
+    model.save(tmp_path / "wide.keras")
+    x = np.ones((1, 4), np.float32)
+    np.save(tmp_path / "x.npy", x)
+    code, out, err = run(capsys, "info", tmp_path / "wide.keras", "--sample", tmp_path / "x.npy")
+    assert code == 0, err
+    l2 = np.linalg.norm(kernel, axis=0)
+    expected = np.argsort(-l2, kind="stable")[:20]
+    listed = [int(m.group(1)) for m in re.finditer(r"^\s+(\d+)  value ", out, re.M)]
+    assert listed == expected.tolist()
+    assert "the 20 of 30 outputs with the largest gradient (L2)" in out and "... 10 more" in out
+    y = x @ kernel
+    k = int(expected[0])
+    assert (
+        f"{k:>4}  value {y[0, k]:.4g}  L1 {np.abs(kernel[:, k]).sum():.4g}  L2 {l2[k]:.4g}" in out
+    )
+
+
+def test_info_sample_shows_progress_while_it_computes(capsys, monkeypatch, keras, tmp_path):
+    """A convolutional model with 100 outputs (the engine's reverse loop, 32 outputs per block):
+    the progress line moves with each block (drawn on a terminal; counted here)."""
+    from augnet import _progress
+
+    inp = keras.Input((8, 8, 1))
+    h = keras.layers.Flatten()(keras.layers.Conv2D(2, 3, activation="tanh")(inp))
+    keras.Model(inp, keras.layers.Dense(100)(h)).save(tmp_path / "hundred.keras")
+    np.save(tmp_path / "x.npy", np.ones((1, 8, 8, 1), np.float32))
+    updates = []
+    real = _progress.Progress.update
+
+    def spy(self, n=1):
+        updates.append((self.done + n, self.total))
+        return real(self, n)
+
+    monkeypatch.setattr(_progress.Progress, "update", spy)
+    code, out, err = run(capsys, "info", tmp_path / "hundred.keras", "--sample", tmp_path / "x.npy")
+    assert code == 0, err
+    assert len(updates) >= 2 and updates[-1] == (100, 100)  # several steps, not one at the end
+    assert "the 20 of 100 outputs with the largest gradient" in out

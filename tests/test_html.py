@@ -68,7 +68,8 @@ def snapshot(folder: Path) -> dict[str, bytes]:
 
 def test_row_of_the_demo_run():
     line = json.loads((DEMO / "summary.jsonl").read_text().splitlines()[0])
-    row = index_row(line, DEMO)
+    run = json.loads((DEMO / "run.json").read_text())
+    row = index_row(line, DEMO, run["input_root"])
     name, key, outputs, preds, l2, mx, folder, maps, sheet, thumb, top, norm, maxabs = row
     assert (name, key, outputs) == (line["name"], line["input"], line["outputs"])
     assert preds == [float(f"{v:.6g}") for v in line["predictions"]]
@@ -77,7 +78,9 @@ def test_row_of_the_demo_run():
     assert folder == "sample_input"
     assert maps == [f"sample_input/output_{k:02d}.png" for k in outputs]
     assert sheet == "sample_input/contact_sheet.png"
-    assert thumb == "file://" + line["input"]  # the input image, outside the run's folder
+    # the input image, outside the run's folder, found through run.json's input_root
+    assert thumb == f"{run['input_root']}/{line['input']}"
+    assert (DEMO / thumb).is_file()
     assert top == float(f"{max(line['predictions']):.6g}")
     assert norm == pytest.approx(math.sqrt(sum(v * v for v in line["jacobian_l2"])), rel=1e-5)
     assert maxabs == float(f"{max(line['jacobian_max_abs']):.6g}")
@@ -177,7 +180,8 @@ def test_demo_page(tmp_path):
     assert facts["model"] == "region_cnn.keras" and facts["outputs"] == "0–12"
     assert facts["strategy"] == "loop" and facts["input"] == "256×256×1"
     line = json.loads((out / "summary.jsonl").read_text())
-    assert page_rows(out)[0] == index_row(line, out)
+    root = json.loads((out / "run.json").read_text())["input_root"]
+    assert page_rows(out)[0] == index_row(line, out, root)
     text = page.read_text(encoding="utf-8")
     assert '<meta name="generator" content="augnet-report">' in text
     assert "http://" not in text and "https://" not in text  # nothing from the network

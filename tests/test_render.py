@@ -162,9 +162,17 @@ def test_render_shape_and_dtype(shape, mode):
     assert rgb.shape == (9, 11, 3) and rgb.dtype == np.uint8
 
 
-def test_zero_jacobian_renders_centre_colour_in_signed_mode():
+def test_zero_jacobian_renders_pure_white_in_signed_mode():
+    # issue 9: zero ("no effect") is pure white, not the colormap's light grey centre
+    assert CENTRE.tolist() != [255, 255, 255]
     rgb = render_saliency(np.zeros((8, 8, 1)))
-    np.testing.assert_array_equal(rgb, np.broadcast_to(CENTRE, (8, 8, 3)))
+    np.testing.assert_array_equal(rgb, np.full((8, 8, 3), 255, np.uint8))
+    # so is anything below half a colour step (scale / 256); one step away is the colormap's
+    m = np.zeros((1, 4))
+    m[0] = [1.0, 1e-9, 0.99 / 256, 1.01 / 256]
+    rgb = render_saliency(m, percentile=100)
+    np.testing.assert_array_equal(rgb[0, 1:3], np.full((2, 3), 255))
+    np.testing.assert_array_equal(rgb[0, 3], SIGNED_LUT[129])
 
 
 def test_zero_jacobian_renders_colormap_start_in_abs_mode():
@@ -185,14 +193,17 @@ def test_sign_mapping_positive_red_negative_blue():
     rgb = render_saliency(m, percentile=100)
     np.testing.assert_array_equal(rgb[0, 0], SIGNED_LUT[-1])  # top end of RdBu_r: red
     np.testing.assert_array_equal(rgb[1, 1], SIGNED_LUT[0])  # bottom end: blue
-    np.testing.assert_array_equal(rgb[2, 2], CENTRE)
+    np.testing.assert_array_equal(rgb[2, 2], [255, 255, 255])  # exactly zero: white
     assert rgb[0, 0, 0] > rgb[0, 0, 2] and rgb[1, 1, 2] > rgb[1, 1, 0]
 
 
 def test_sign_mapping_is_symmetric():
     m = np.linspace(-1, 1, 257).reshape(1, 257)
+    assert m[0, 128] == 0.0
     rgb = render_saliency(m, percentile=100)
-    np.testing.assert_array_equal(rgb[0], SIGNED_LUT)
+    expected = SIGNED_LUT.copy()
+    expected[128] = 255  # exactly zero is white
+    np.testing.assert_array_equal(rgb[0], expected)
 
 
 def test_abs_mode_maps_magnitude_to_sequential_colormap():
@@ -486,3 +497,98 @@ def test_module_imports_neither_tensorflow_nor_pyplot():
         "assert not bad, bad\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+# ------------------------------------------------------------------------------------------------
+# Hardening (issue 9): bounded upscale, TopKJacobian, file modes, links, colour bar
+# ------------------------------------------------------------------------------------------------
+
+
+def test_save_refuses_a_huge_upscale_before_writing(tmp_path):
+    from augnet._render import _check_upscale
+
+    with pytest.raises(
+        ValueError, match=r"upscale=100000.*2800000x2800000 pixels \(.* TiB of RGB\).*upscale<=292"
+    ) as info:
+        save_jacobian_images(np.ones((2, 28, 28)), tmp_path / "out", upscale=100000)
+    assert "\n" not in str(info.value)
+    assert not (tmp_path / "out").exists()
+    assert _check_upscale(292, (28, 28)) == 292  # 8176 pixels: allowed
+    with pytest.raises(ValueError, match="upscale<=292"):
+        _check_upscale(293, (28, 28))
+    assert _check_upscale(1, (20000, 20000)) == 1  # a map's own size is never refused
+
+
+def test_top_k_result_gets_a_clear_error(tmp_path):
+    from augnet._engine import TopKJacobian
+
+    result = TopKJacobian(np.ones((2, 3, 4, 4)), np.zeros((2, 3), int), np.zeros((2, 3)))
+    with pytest.raises(
+        TypeError, match=r"TopKJacobian.*result\.jacobian\[i\].*output_indices=result\.indices\[i\]"
+    ):
+        save_jacobian_images(result, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_saved_files_follow_the_umask_and_never_a_link(tmp_path):
+    victim = tmp_path / "victim.png"
+    victim.write_bytes(b"precious")
+    (tmp_path / "out").mkdir()
+    os.symlink(victim, tmp_path / "out" / "output_00.png")
+    with pytest.raises(FileExistsError):  # a link at the name counts as an existing file
+        save_jacobian_images(_random((1, 8, 8)), tmp_path / "out")
+    old = os.umask(0o027)
+    try:
+        paths = save_jacobian_images(_random((2, 8, 8)), tmp_path / "out", overwrite=True)
+    finally:
+        os.umask(old)
+    assert victim.read_bytes() == b"precious"  # the link was replaced, its target untouched
+    for p in paths:
+        assert not p.is_symlink() and (p.stat().st_mode & 0o777) == 0o640
+
+
+def test_colorbar_under_each_map_in_real_units(tmp_path):
+    from augnet._colorbar import colorbar_strip
+    from augnet._render import percentile_scale
+
+    m = _random((16, 16))
+    jac = np.stack([m, 1e-13 * m])
+    own = save_jacobian_images(jac, tmp_path / "own", upscale=16, colorbar=True)
+    shared = save_jacobian_images(
+        jac, tmp_path / "shared", upscale=16, colorbar=True, shared_scale=True
+    )
+    for path, scale in zip(own, [percentile_scale(m), percentile_scale(1e-13 * m)], strict=True):
+        pixels = np.asarray(Image.open(path))
+        assert pixels.shape[1] == 256 and pixels.shape[0] > 256
+        expected_map = np.repeat(np.repeat(render_saliency(m), 16, 0), 16, 1)
+        np.testing.assert_array_equal(pixels[:256], expected_map)  # per map: both look the same
+        np.testing.assert_array_equal(pixels[256:], colorbar_strip(256, scale=scale))
+    pooled = percentile_scale(np.abs(jac))
+    weak = np.asarray(Image.open(shared[1]))[:256]
+    assert (np.abs(weak.astype(int) - 255) <= 8).all()  # 1e-13 on the shared scale: near white
+    np.testing.assert_array_equal(
+        np.asarray(Image.open(shared[1]))[256:], colorbar_strip(256, scale=pooled)
+    )
+    # the strip's ends are the colormap's ends and the labels differ with the scale
+    assert not np.array_equal(colorbar_strip(256, scale=1.0), colorbar_strip(256, scale=2.0))
+    strip = colorbar_strip(300, scale=1.0)
+    row = strip[strip.shape[0] // 4]
+    np.testing.assert_array_equal(row[int(300 * 0.12)], SIGNED_LUT[0])
+
+
+def test_narrow_map_is_centred_above_a_wide_enough_colour_bar():
+    from augnet._colorbar import COLORBAR_MIN_WIDTH, with_colorbar
+
+    rgb = render_saliency(_random((40, 10)))
+    out = with_colorbar(rgb, scale=1.0)
+    left = (COLORBAR_MIN_WIDTH - 10) // 2
+    assert out.shape[1] == COLORBAR_MIN_WIDTH
+    np.testing.assert_array_equal(out[:40, left : left + 10], rgb)
+    assert (out[:40, :left] == 255).all()
+
+
+def test_save_into_a_file_path_says_so(tmp_path):
+    (tmp_path / "out").write_text("a file")
+    with pytest.raises(NotADirectoryError, match=r"Not a folder.*out"):
+        save_jacobian_images(_random((1, 4, 4)), tmp_path / "out")
+    assert (tmp_path / "out").read_text() == "a file"

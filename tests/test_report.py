@@ -179,3 +179,32 @@ def test_module_imports_neither_tensorflow_nor_pyplot():
         "assert not bad, bad\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+def test_overlay_applies_to_the_contact_sheet():
+    jac = _jacobian(2)
+    figure = build_contact_sheet(image=IMAGE, jacobian=jac, overlay=True, alpha=0.6)
+    scale = float(np.percentile(np.abs(jac), 99))
+    for ax, m in zip(_panels(figure)[1:], jac, strict=True):
+        np.testing.assert_array_equal(
+            ax.get_images()[0].get_array(),
+            render_saliency(m, image=IMAGE, alpha=0.6, scale=scale),
+        )
+    with pytest.raises(ValueError, match="same height and width"):
+        build_contact_sheet(image=np.zeros((4, 4)), jacobian=jac, overlay=True)
+
+
+def test_contact_sheet_follows_the_umask_and_never_a_link(tmp_path):
+    victim = tmp_path / "victim.png"
+    victim.write_bytes(b"precious")
+    os.symlink(victim, tmp_path / "sheet.png")
+    with pytest.raises(FileExistsError):
+        contact_sheet(tmp_path / "sheet.png", image=IMAGE, jacobian=_jacobian(1))
+    old = os.umask(0o022)
+    try:
+        contact_sheet(tmp_path / "sheet.png", image=IMAGE, jacobian=_jacobian(1), overwrite=True)
+    finally:
+        os.umask(old)
+    assert victim.read_bytes() == b"precious"
+    assert not (tmp_path / "sheet.png").is_symlink()
+    assert (tmp_path / "sheet.png").stat().st_mode & 0o777 == 0o644  # was 0600 (mkstemp)

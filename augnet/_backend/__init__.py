@@ -95,7 +95,8 @@ Conversion, dtypes, devices:
   backend's default device; ``to_numpy(t)``: a NumPy array (a copy the caller owns);
   ``numpy_view(t)``: a zero-copy read-only view, valid while ``t`` lives (the engine copies out
   of it at once); ``is_eager_tensor(t)``; ``is_float_tensor(t)``; ``dtype_name(dtype) -> str``
-  (``"float32"``); ``is_floating(dtype)``; ``devices() -> list[str]`` (e.g. ``["CPU:0"]``).
+  (``"float32"``); ``is_floating(dtype)``; ``devices() -> list[str]`` (e.g. ``["CPU:0"]``);
+  ``set_threads(n)``: limits the framework's CPU threads where it still can (no error once fixed).
 
 Tensor utilities (inside compiled blocks): ``one_hot(indices, depth, dtype)``, ``stack(ts,
 axis)``, ``concat(ts, axis)``, ``reshape(t, shape)``, ``transpose(t, perm)``,
@@ -152,6 +153,7 @@ CONTRACT = (
     "dtype_name",
     "is_floating",
     "devices",
+    "set_threads",
     # tensor utilities
     "one_hot",
     "stack",

@@ -82,6 +82,16 @@ def devices() -> list[str]:
     return [d.name.split("device:", 1)[-1] for d in tf.config.list_logical_devices()]
 
 
+def set_threads(n: int) -> None:
+    """Limits the framework's CPU threads to ``n`` (intra- and inter-op) where it still can: once
+    TensorFlow has started, its setting stays (no error)."""
+    try:
+        tf.config.threading.set_intra_op_parallelism_threads(n)
+        tf.config.threading.set_inter_op_parallelism_threads(n)
+    except RuntimeError:  # TensorFlow already initialised in this process: keep its setting
+        pass
+
+
 # --------------------------------------------------------------------------------------------------
 # The model as a pure function
 # --------------------------------------------------------------------------------------------------
@@ -430,6 +440,7 @@ def nest_pack(structure, flat):
 
 
 __all__ = [
+    "set_threads",
     "FORWARD_RECURRENT",
     "FORWARD_TRAINING",
     "XLA_OPTIONAL",

@@ -89,9 +89,8 @@ def jacobian_to_npy(fn, x, path, *, overwrite: bool = False, **kwargs) -> Path:
     Returns:
         The path written, which ``np.load(path, mmap_mode="r")`` opens without reading it all.
     """
-    path = Path(path)
-    if path.exists() and not overwrite:
-        raise FileExistsError(f"{str(path)!r} exists; pass overwrite=True to replace it.")
+    from augnet import _store
+
     if "top_k" in kwargs:
         raise ValueError("jacobian_to_npy does not take `top_k`; select outputs with `outputs=`.")
     allowed = {
@@ -109,66 +108,39 @@ def jacobian_to_npy(fn, x, path, *, overwrite: bool = False, **kwargs) -> Path:
         raise TypeError(
             f"jacobian_to_npy() got unexpected keyword arguments {sorted(unknown)}; expected some of {sorted(allowed)}."
         )
-    run = prepare.setup(
-        fn,
-        x,
-        kwargs.get("outputs"),
-        None,
-        kwargs.get("training", False),
-        kwargs.get("strategy", "auto"),
-        kwargs.get("batch_size"),
-        kwargs.get("chunk_size"),
-        kwargs.get("max_memory"),
-        kwargs.get("jit_compile", False),
-        kwargs.get("derivatives"),
-    )
-    if len(run.target.in_shapes) != 1:
-        raise ValueError(
-            f"jacobian_to_npy writes one array, but the model has {len(run.target.in_shapes)} inputs; "
-            "use iter_jacobian and write each input's blocks yourself."
+
+    def blocks():  # called by the store once the target is checked: (shape, dtype, blocks)
+        run = prepare.setup(
+            fn,
+            x,
+            kwargs.get("outputs"),
+            None,
+            kwargs.get("training", False),
+            kwargs.get("strategy", "auto"),
+            kwargs.get("batch_size"),
+            kwargs.get("chunk_size"),
+            kwargs.get("max_memory"),
+            kwargs.get("jit_compile", False),
+            kwargs.get("derivatives"),
         )
-    shape = (run.n_samples, run.selection.size, *run.target.in_shapes[0])
-    dtype = np.dtype(B.dtype_name(run.target.dtype))
-    restore = R.restore_state(fn, run.training)
-    try:
-        blocks = ((s, c, R.stacked(values[0])) for s, c, _, values in R.iter_blocks(run))
-        write_npy_blocks(path, shape, dtype, blocks)
-    finally:
-        restore()
-    return path
-
-
-def write_npy_blocks(path: Path, shape: tuple, dtype: np.dtype, blocks) -> None:
-    """Writes ``(samples, columns, values (b, c, ...))`` blocks into a ``.npy`` of ``shape``, under
-    a temporary name renamed at the end (a file at ``path`` is always complete); no partial file
-    is left behind on an error.
-
-    Positioned writes, not a memory map: the pages of a written map count in the process's
-    resident memory, which would grow with the whole Jacobian instead of one pass.
-    """
-    row_bytes = int(np.prod(shape[2:], dtype=np.int64)) * dtype.itemsize  # one (sample, output)
-    tmp = path.with_name(path.name + ".partial")
-    try:
-        with open(tmp, "wb") as f:
-            np.lib.format.write_array_header_1_0(
-                f,
-                {
-                    "descr": np.lib.format.dtype_to_descr(dtype),
-                    "fortran_order": False,
-                    "shape": shape,
-                },
+        if len(run.target.in_shapes) != 1:
+            raise ValueError(
+                f"jacobian_to_npy writes one array, but the model has {len(run.target.in_shapes)} inputs; "
+                "use iter_jacobian and write each input's blocks yourself."
             )
-            offset = f.tell()
-            f.truncate(offset + shape[0] * shape[1] * row_bytes)
-            for samples, columns, values in blocks:
-                block = np.ascontiguousarray(values, dtype=dtype)
-                for i, s in enumerate(range(samples.start, samples.stop)):
-                    start = offset + (s * shape[1] + columns.start) * row_bytes
-                    os.pwrite(f.fileno(), block[i].tobytes(), start)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if tmp.exists():
-            tmp.unlink()
-        raise
+        shape = (run.n_samples, run.selection.size, *run.target.in_shapes[0])
+
+        def stream():
+            restore = R.restore_state(fn, run.training)
+            try:
+                for samples, columns, _, values in R.iter_blocks(run):
+                    yield samples, columns, R.stacked(values[0])
+            finally:
+                restore()
+
+        return shape, np.dtype(B.dtype_name(run.target.dtype)), stream()
+
+    # Checks the target before any work, writes through an exclusive temporary file (see
+    # augnet._store.write_npy_stream); positioned writes, not a memory map, so resident memory
+    # stays one pass's.
+    return _store.write_npy_stream(os.fspath(path), blocks, overwrite=overwrite)
