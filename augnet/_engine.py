@@ -86,7 +86,8 @@ class JacobianChunk(NamedTuple):
 
     Attributes:
         samples: the slice of the batch this block covers.
-        outputs: flat output indices of the block's rows: ``(c,)``, or ``(b, c)`` with ``top_k``.
+        outputs: flat output indices of the block's rows: ``(c,)``, or ``(b, c)`` per sample
+            with ``top_k`` or per-sample ``outputs``.
         values: ``(b, c, *input_shape)`` (the input structure for several inputs).
         columns: where the block's rows go among the selected outputs: the full Jacobian's
             ``[samples, columns]`` (``(batch, m, *input_shape)`` with ``m`` selected outputs).
@@ -388,9 +389,12 @@ class _Selection:
     groups: list  # per output: (start, stop) rows of the selection, or None when not selected
     full: bool  # every output element, in order: reshape rows to the output shapes
     top_k: int | None = None
+    per_sample: np.ndarray | None = None  # (batch, k) flat indices, row i for sample i
 
     @property
     def size(self) -> int:
+        if self.per_sample is not None:
+            return int(self.per_sample.shape[1])
         return self.top_k if self.top_k is not None else len(self.rows)
 
 
@@ -419,6 +423,9 @@ def _select(target: _Target, outputs, top_k) -> _Selection:
         return _Selection(
             rows, [(int(offsets[o]), int(offsets[o + 1])) for o in range(n_out)], full=True
         )
+    per_sample = _per_sample_indices(outputs, n_out, sizes[0], target.out_shapes[0])
+    if per_sample is not None:
+        return _Selection(None, [(0, per_sample.shape[1])], full=False, per_sample=per_sample)
     if n_out == 1:
         per_output = [outputs]
     else:
@@ -435,6 +442,54 @@ def _select(target: _Target, outputs, top_k) -> _Selection:
         groups.append((start, start + len(idx)))
         start += len(idx)
     return _Selection(np.concatenate(rows).astype(np.int64), groups, full=False)
+
+
+def _per_sample_indices(outputs, n_out: int, size: int, shape: tuple) -> np.ndarray | None:
+    """``outputs`` as a ``(batch, k)`` int64 array when it selects per sample (a 2-D integer
+    array, or a list of equal-length lists: row ``i`` for sample ``i``), else ``None``."""
+    if isinstance(outputs, np.ndarray):
+        if outputs.ndim != 2:
+            return None
+        arr = outputs
+    elif (
+        isinstance(outputs, list | tuple)
+        and len(outputs) > 0
+        and all(isinstance(o, list | tuple | np.ndarray) for o in outputs)
+        and n_out == 1
+    ):
+        try:
+            arr = np.asarray(outputs)
+        except ValueError:
+            arr = None
+        if arr is None or arr.ndim != 2:
+            raise ValueError(
+                "Per-sample `outputs` must hold the same number of flat output indices for every "
+                f"sample, a (batch, k) integer array; received rows of lengths "
+                f"{[len(o) for o in outputs]}."
+            )
+    else:
+        return None
+    if n_out != 1:
+        raise ValueError(
+            f"Per-sample `outputs` (a (batch, k) array) need a model with one output; this one "
+            f"has {n_out}. Select output elements with a list (or dict) per output instead."
+        )
+    if arr.size == 0 or arr.dtype.kind not in "iu":
+        raise ValueError(
+            invalid_value(
+                "outputs",
+                outputs,
+                "a (batch, k) integer array of flat output indices per sample, k >= 1",
+            )
+        )
+    bad = arr[(arr < 0) | (arr >= size)]
+    if bad.size:
+        raise ValueError(
+            f"`outputs` holds index {int(bad.flat[0])}, which is out of range for an output of "
+            f"{size} elements (per-sample shape {format_shape(shape)}); valid flat indices are "
+            f"0..{size - 1}."
+        )
+    return arr.astype(np.int64)
 
 
 def _per_output_selection(outputs, out_structure: Structure):
@@ -796,6 +851,11 @@ def _setup(
     _infer_outputs(target, tensors)
     selection = _select(target, outputs, top_k)
     n_samples = int(tensors[0].shape[0]) if tensors[0].shape[0] is not None else 1
+    if selection.per_sample is not None and len(selection.per_sample) != n_samples:
+        raise ValueError(
+            f"Per-sample `outputs` has shape {format_shape(selection.per_sample.shape)}: one row "
+            f"per sample is expected, ({n_samples}, k) for a batch of {n_samples}."
+        )
     if strategy == "auto":
         strategy = _auto_strategy(
             target, tensors, selection, training, n_samples, batch_size, chunk_size, max_memory
@@ -990,11 +1050,13 @@ def _iter_blocks(run: _Run) -> Iterator[tuple[slice, np.ndarray, list]]:
             preds = B.to_numpy(predict(xs))
             order = np.argsort(-preds, axis=1, kind="stable")[:, : sel.top_k]
             rows_all = order.astype(np.int64)  # (b, k)
+        elif sel.per_sample is not None:
+            rows_all = sel.per_sample[s0:s1]  # (b, k)
         else:
             rows_all = np.broadcast_to(sel.rows, (b, len(sel.rows)))
         if kind == "forward":
             all_outputs = sel.full  # (never with top_k)
-            sel_t = _memo(run, ("rows", b), lambda r=rows_all: r, fixed=sel.top_k is None)
+            sel_t = _memo(run, ("rows", b), lambda r=rows_all: r, fixed=sel.rows is not None)
             values = []
             for i, (n_i, shape) in enumerate(zip(target.in_sizes, target.in_shapes)):
                 fwd = _compiled(
@@ -1011,7 +1073,7 @@ def _iter_blocks(run: _Run) -> Iterator[tuple[slice, np.ndarray, list]]:
                     cols = _memo(run, ("cols", c0, c1), lambda c0=c0, c1=c1: np.arange(c0, c1))
                     flat[:, :, c0:c1] = B.to_numpy(fwd(xs, cols, sel_t))
                 values.append(value)
-            outs = rows_all if sel.top_k is not None else sel.rows
+            outs = rows_all if sel.rows is None else sel.rows
             yield slice(s0, s1), slice(0, sel.size), outs, values
         else:
             for c0 in range(0, sel.size, run.chunk_size):
@@ -1020,11 +1082,11 @@ def _iter_blocks(run: _Run) -> Iterator[tuple[slice, np.ndarray, list]]:
                     run,
                     ("rows", b, c0, c1),
                     lambda r=rows_all, c0=c0, c1=c1: r[:, c0:c1],
-                    fixed=sel.top_k is None,
+                    fixed=sel.rows is not None,
                 )
                 width = c1 - c0 if kind == "loop" else None  # the loop is unrolled: static width
                 rev = _compiled(target, kind, run.training, run.jit_compile, extra=width)
-                outs = rows_all[:, c0:c1] if sel.top_k is not None else sel.rows[c0:c1]
+                outs = rows_all[:, c0:c1] if sel.rows is None else sel.rows[c0:c1]
                 yield slice(s0, s1), slice(c0, c1), outs, _values_to_numpy(rev(xs, chunk))
 
 
@@ -1173,7 +1235,11 @@ def jacobian(
             model with several inputs. Cast to the model's input dtype (float16/32/64 kept).
         outputs: select output elements by flat index (per sample): ``[0, 3, 7]`` gives
             ``(batch, 3, *input_shape)``. For a model with several outputs, a list/dict with one
-            entry per output (a list of indices, or ``None`` for all of it).
+            entry per output (a list of indices, or ``None`` for all of it). Per-sample
+            selection (a model with one output): a ``(batch, k)`` integer array whose row ``i``
+            holds sample ``i``'s flat output indices, giving ``(batch, k, *input_shape)`` with
+            ``J[i, j] = ∂y[i, outputs[i, j]]/∂x[i]`` (what ``top_k`` does with its own indices;
+            attribution methods use it to follow each sample's class through noisy copies).
         top_k: per sample, the Jacobians of the ``k`` largest outputs (classifiers); returns a
             :class:`TopKJacobian` ``(jacobian, indices, values)``.
         training: ``False`` (default): the model as it predicts (Dropout off, BatchNorm on its moving
@@ -1369,6 +1435,8 @@ def _symbolic_jacobian(run: _Run):
         values, idx = B.top_k(target.flat_output(xs), sel.top_k)
         rows = idx
         topk = (idx, values)
+    elif sel.per_sample is not None:
+        rows = tf.constant(sel.per_sample, dtype=tf.int32)
     else:
         rows = tf.tile(tf.constant(sel.rows, dtype=tf.int32)[None], (b, 1))
         rows = tf.ensure_shape(rows, (None, sel.size))
