@@ -117,7 +117,7 @@ def build_comparison_sheet(
     shapes = {name: a.shape for name, a in arrays.items()}
     first = next(iter(arrays.values()))
     k = first.shape[0]
-    for name, a in arrays.items():
+    for a in arrays.values():
         if a.shape[:3] != first.shape[:3]:
             raise ValueError(
                 f"Every method's maps must have the same (k, H, W); received {shapes}."
@@ -137,13 +137,19 @@ def build_comparison_sheet(
         raise TypeError(invalid_value("title", title, "None or a string"))
 
     methods = list(arrays)
-    reduced = {name: np.stack([_render.reduce_channels(m, reduce) for m in a]) for name, a in arrays.items()}
+    reduced = {
+        name: np.stack([_render.reduce_channels(m, reduce) for m in a])
+        for name, a in arrays.items()
+    }
     n_cols = 1 + len(methods)
     height, width = first.shape[1:3]
     panel_h = PANEL_INCHES * min(max(height / width, 0.4), 2.5)
     lines = 1 + (values is not None) + (aucs is not None)
     figure = Figure(
-        figsize=(n_cols * PANEL_INCHES + 0.3, k * (panel_h + 0.15 * lines + 0.1) + 1.5 + (0.35 if title else 0)),
+        figsize=(
+            n_cols * PANEL_INCHES + 0.3,
+            k * (panel_h + 0.15 * lines + 0.1) + 1.5 + (0.35 if title else 0),
+        ),
         dpi=_report.DPI,
         layout="constrained",
     )
@@ -155,7 +161,7 @@ def build_comparison_sheet(
         ax.imshow(photo, cmap="gray" if photo.ndim == 2 else None, vmin=0.0, vmax=1.0)
         heading = f"output {out}"
         if names is not None:
-            heading += f" · {names[row][:_report._NAME_CHARS]}"
+            heading += f" · {names[row][: _report._NAME_CHARS]}"
         text = [heading]
         if values is not None:
             text.append(f"pred {_report._format_number(values[row])}")
@@ -320,7 +326,9 @@ def comparison_sheet(
         if result.layer:
             notes[name] = f"layer {result.layer} {_layer_shape(model, result.layer)}"
         if evaluate:
-            common = dict(outputs=indices, steps=steps, batch_size=batch_size, max_memory=max_memory)
+            common = dict(
+                outputs=indices, steps=steps, batch_size=batch_size, max_memory=max_memory
+            )
             aucs[name] = {
                 "deletion": M.deletion(model, sample, a, **common).auc[0],
                 "insertion": M.insertion(model, sample, a, **common).auc[0],

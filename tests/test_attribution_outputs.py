@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
 from conftest import TOL, tape_loop_jacobian
 
 STRATEGIES = ("loop", "pfor", "forward", "loop_xla", "auto")
@@ -53,9 +52,7 @@ def test_per_sample_rows_chunked_equal_unchunked(mlp, strategy):
 
     model, x, _ = mlp
     whole = augnet.jacobian(model, x, outputs=ROWS, strategy=strategy)
-    chunked = augnet.jacobian(
-        model, x, outputs=ROWS, strategy=strategy, batch_size=3, chunk_size=1
-    )
+    chunked = augnet.jacobian(model, x, outputs=ROWS, strategy=strategy, batch_size=3, chunk_size=1)
     np.testing.assert_allclose(chunked, whole, **TOL["float32"])
 
 

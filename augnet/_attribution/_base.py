@@ -154,6 +154,22 @@ def symbolic_inputs(model) -> list | None:
     return list(inputs) if inputs else None
 
 
+def symbolic_io(model, which: str):
+    """A Keras model's symbolic inputs or outputs (``which``: ``"input"`` or ``"output"``) with
+    their nesting (one tensor for one), or ``None``."""
+    try:
+        return getattr(model, which)
+    except (AttributeError, ValueError):
+        pass
+    try:
+        leaves = list(getattr(model, which + "s"))
+    except (AttributeError, ValueError, TypeError):
+        return None
+    if not leaves:
+        return None
+    return leaves[0] if len(leaves) == 1 else leaves
+
+
 def to_numpy(value) -> np.ndarray:
     if isinstance(value, np.ndarray):
         return value
@@ -666,7 +682,9 @@ def stream_sums(
                 for i, v in enumerate(values):
                     block = v[a:b]
                     if moments:
-                        _merge_moments(mean[i], m2[i], count, u, cols, block, last=i == len(values) - 1)
+                        _merge_moments(
+                            mean[i], m2[i], count, u, cols, block, last=i == len(values) - 1
+                        )
                     else:
                         w = w_all[copies[chunk.samples][a:b]].astype(block.dtype)
                         total[i][u, cols] += np.tensordot(w, block, axes=1)

@@ -80,11 +80,11 @@ def _follow(parent, layer):
     current = layer
     for nxt in layers[i + 1 :]:
         try:
-            ok = (
-                len(getattr(nxt, "_inbound_nodes", [])) == 1
-                and nxt.input is current.output
-                and tuple(nxt.output.shape) == tuple(current.output.shape)
-            )
+            made = {id(t) for n in current._inbound_nodes for t in n.output_tensors}
+            ok = any(
+                len(n.input_tensors) == 1 and id(n.input_tensors[0]) in made
+                for n in nxt._inbound_nodes
+            ) and tuple(nxt.output.shape) == tuple(current.output.shape)
         except (AttributeError, ValueError):
             ok = False
         if not ok:
@@ -190,8 +190,9 @@ def _split(model, path: str, layer):
         parts = None
         if "/" not in path:
             try:
-                outputs = model.output
-                activation = keras.Model(model.inputs, layer.output)
+                inputs = _base.symbolic_io(model, "input")
+                outputs = _base.symbolic_io(model, "output")
+                activation = keras.Model(inputs, layer.output)
                 try:
                     head, takes_x = keras.Model(layer.output, outputs), False
                 except ValueError:  # a skip connection around the layer: x is needed too

@@ -84,4 +84,3 @@ def gradient_x_input(
     for f, a in zip(flat, problem.leaves):
         f *= a[:, None]
     return problem.result(flat, "gradient_x_input")
-

@@ -63,7 +63,9 @@ def quadrature(rule, steps: int) -> tuple[np.ndarray, np.ndarray]:
         weights = np.asarray(rule[1], dtype=np.float64)
         if alphas.ndim != 1 or alphas.shape != weights.shape or alphas.size == 0:
             raise ValueError(
-                invalid_value("rule", rule, "a rule name or two 1-D arrays (alphas, weights) of one length")
+                invalid_value(
+                    "rule", rule, "a rule name or two 1-D arrays (alphas, weights) of one length"
+                )
             )
         return alphas, weights
     name = _ALIASES.get(rule, rule) if isinstance(rule, str) else rule

@@ -86,9 +86,7 @@ def _resolve(model, x, attributions, outputs, batch_size, max_memory):
         outputs, maps = attributions.indices, attributions.attributions
     else:
         maps = attributions
-    problem = _base.prepare(
-        model, x, outputs=outputs, batch_size=batch_size, max_memory=max_memory
-    )
+    problem = _base.prepare(model, x, outputs=outputs, batch_size=batch_size, max_memory=max_memory)
     if len(problem.leaves) != 1:
         raise ValueError(
             f"The attribution metrics take a model with one input; this one has "
@@ -106,11 +104,7 @@ def _resolve(model, x, attributions, outputs, batch_size, max_memory):
         if maps.size == np.prod(expected):
             maps = maps.reshape(expected)  # (batch, *output_shape, *input_shape) for all outputs
         else:
-            hint = (
-                "; pass outputs= the flat output indices they explain"
-                if outputs is None
-                else ""
-            )
+            hint = "; pass outputs= the flat output indices they explain" if outputs is None else ""
             raise ValueError(
                 f"`attributions` has shape {format_shape(maps.shape)}, but the model, `x` and "
                 f"the selected outputs call for {format_shape(expected)} (batch, k, "
@@ -528,12 +522,16 @@ class AttributionTable:
         body = [[_cell(row.get(c)) for c in columns] for row in self.rows]
         widths = [max(len(h), *(len(r[i]) for r in body)) for i, h in enumerate(header)]
         lines = [
-            "  ".join(h.ljust(w) if i == 0 else h.rjust(w) for i, (h, w) in enumerate(zip(header, widths))),
+            "  ".join(
+                h.ljust(w) if i == 0 else h.rjust(w) for i, (h, w) in enumerate(zip(header, widths))
+            ),
             "  ".join("-" * w for w in widths),
         ]
         for r in body:
             lines.append(
-                "  ".join(v.ljust(w) if i == 0 else v.rjust(w) for i, (v, w) in enumerate(zip(r, widths)))
+                "  ".join(
+                    v.ljust(w) if i == 0 else v.rjust(w) for i, (v, w) in enumerate(zip(r, widths))
+                )
             )
         lines.extend(self.notes)
         return "\n".join(lines)

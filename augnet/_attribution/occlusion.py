@@ -6,7 +6,8 @@ step ``stride``, covering every position (a last window is added flush with the 
 stride does not reach it). For each window ``w`` and selected output ``k``:
 ``Δ_wk = y_k(x) − y_k(x with window w set to the baseline)``, and each element's attribution is
 the mean (``aggregate="mean"``, captum's convention; default) or the sum (``"sum"``, as PAIR
-saliency and xplique) of ``Δ_wk`` over the windows that cover it, the same for every channel.
+saliency and xplique) of ``Δ_wk`` over the windows that cover it, the same for every channel
+(0 for elements no window covers, when the stride is larger than the window).
 
 Every occluded copy of every sample is evaluated once for all selected outputs; the copies go
 through the model in batches that fit ``max_memory`` (or ``batch_size``). Cost: one forward pass
@@ -171,7 +172,7 @@ def occlusion(
                 shape_j = [1] * len(axes)
                 shape_j[j] = -1
                 counts = counts * mat.sum(axis=1).reshape(shape_j)
-            summed = summed / counts
+            summed = np.divide(summed, counts, out=np.zeros_like(summed), where=counts > 0)
         if len(shape) > len(axes):  # the channels: the same value in each
             summed = np.repeat(summed[..., None], shape[-1], axis=-1)
         flat.append(summed)

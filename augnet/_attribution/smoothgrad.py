@@ -63,7 +63,11 @@ def _noisy_gradients(
             return [a[owners] + e[copies, owners] for a, e in zip(leaves, given)]
 
     else:
-        n = DEFAULT_SAMPLES if n_samples is None else _base.check_positive_int(n_samples, "n_samples")
+        n = (
+            DEFAULT_SAMPLES
+            if n_samples is None
+            else _base.check_positive_int(n_samples, "n_samples")
+        )
         sigmas = _sigmas(problem, noise_level, sigma)
         rng = _base.make_rng(seed)
         sizes = [int(np.prod(s)) for s in problem.in_shapes]
@@ -118,7 +122,7 @@ def _explicit_noise(noise, problem, n_samples) -> list[np.ndarray]:
     out = []
     for v, a in zip(values, problem.leaves):
         arr = np.asarray(v, dtype=problem.dtype)
-        if arr.ndim == a.ndim:  # (n, *input_shape): the same noise for every sample
+        if arr.ndim == a.ndim and arr.shape[1:] == a.shape[1:]:  # (n, *input_shape): shared
             arr = np.broadcast_to(arr[:, None], (arr.shape[0], *a.shape))
         if arr.ndim != a.ndim + 1 or arr.shape[1:] != a.shape or arr.shape[0] < 1:
             raise ValueError(
