@@ -29,7 +29,11 @@ setup(
         "h5py>=3.8",
     ],
     extras_require={
-        "test": ["pytest>=7"],
+        # The attribution peers (tf-keras-vis, PAIR saliency) install in seconds with our stack
+        # (~40 MB with scikit-image), so CI compares augnet's methods with theirs. xplique pins
+        # tensorflow[and-cuda]<=2.20 and is left out: see docs/attribution.md to add it by hand.
+        "test": ["pytest>=7", "tf-keras-vis==0.8.7", "saliency==0.2.1"],
+        "attribution-peers": ["tf-keras-vis==0.8.7", "saliency==0.2.1"],
         # torch pinned: a plain "torch" can pull a multi-GB CUDA build; 2.13.0 is the CPU wheel here
         "bench": ["torch==2.13.0", "jax==0.10.2", "jaxlib==0.10.2"],
         "dev": ["pytest>=7", "ruff"],
