@@ -112,7 +112,9 @@ def test_gradcam_against_pair_saliency(cnn):
         for k in range(5):
             theirs = cam.GetMask(x[i], call, {"k": k}, should_resize=False, three_dims=False)
             scale = max(np.abs(theirs).max(), 1e-12)
-            np.testing.assert_allclose(ours.attributions[i, k], theirs, rtol=1e-4, atol=1e-6 * scale)
+            np.testing.assert_allclose(
+                ours.attributions[i, k], theirs, rtol=1e-4, atol=1e-6 * scale
+            )
 
 
 def test_occlusion_against_pair_saliency(cnn):

@@ -247,12 +247,13 @@ def insertion(
     *,
     outputs=None,
     steps: int = DEFAULT_STEPS,
-    baseline="blur",
+    baseline=0.0,
     batch_size: int | None = None,
     max_memory=None,
 ) -> Curve:
-    """The insertion curve: start from ``baseline`` (default a blurred copy of ``x``) and put
-    back the input's features, most important first; higher AUC is better.
+    """The insertion curve: start from ``baseline`` (default 0, as xplique; ``"blur"`` for
+    Petsiuk et al.'s blurred start) and put back the input's features, most important first;
+    higher AUC is better.
 
     Arguments and result as :func:`deletion`.
     """
@@ -566,7 +567,7 @@ def evaluate_attributions(
     metrics=None,
     steps: int = DEFAULT_STEPS,
     deletion_baseline=0.0,
-    insertion_baseline="blur",
+    insertion_baseline=0.0,
     n_subsets: int = 128,
     seed=0,
     batch_size: int | None = None,
