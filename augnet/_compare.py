@@ -211,8 +211,9 @@ def build_comparison_sheet(
             pad=0.01,
         )
         bar.ax.set_label(f"colorbar {name}")
+        ticks = [-limit, 0.0, limit] if signed else [0.0, limit / 2, limit]
+        bar.set_ticks(ticks, labels=[_report._format_number(t) for t in ticks])
         bar.ax.tick_params(labelsize=7)
-        bar.ax.xaxis.get_offset_text().set_fontsize(7)
         label = [_QUANTITY.get(name, name)]
         if scale == 0:
             label.append("all maps are exactly zero")

@@ -25,6 +25,7 @@ from __future__ import annotations
 import math
 import numbers
 import re
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
@@ -181,8 +182,22 @@ def to_numpy(value) -> np.ndarray:
         return np.asarray(value)
 
 
+_ACT_CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
 def _activation_bytes(model, itemsize: int, fallback: int) -> int:
-    """Rough bytes of activations per sample: the sum of the layers' output sizes."""
+    """Rough bytes of activations per sample: the sum of the layers' output sizes (the model's
+    layers do not change: computed once per model)."""
+    try:
+        cache = _ACT_CACHE.setdefault(model, {})
+    except TypeError:
+        cache = {}
+    if itemsize not in cache:
+        cache[itemsize] = _sum_layer_outputs(model, itemsize)
+    return max(cache[itemsize], fallback)
+
+
+def _sum_layer_outputs(model, itemsize: int) -> int:
     total = 0
     stack = list(getattr(model, "layers", None) or [])
     while stack:
@@ -194,7 +209,7 @@ def _activation_bytes(model, itemsize: int, fallback: int) -> int:
                 total += int(np.prod([d or 1 for d in o.shape[1:]])) * itemsize
         except Exception:
             continue
-    return max(total, fallback)
+    return total
 
 
 # --------------------------------------------------------------------------------------------------
@@ -334,8 +349,13 @@ def prepare(
     batch_size=None,
     max_memory=None,
     engine: dict | None = None,
+    defer: bool = False,
 ) -> Problem:
-    """Checks the arguments, converts the inputs, predicts once and resolves the selection."""
+    """Checks the arguments, converts the inputs, predicts once and resolves the selection.
+
+    ``defer``: stop before predicting; the caller sets ``problem.predictions`` (with
+    :func:`predict_flat`, ``learn=True``) and calls :func:`select` itself.
+    """
     if not callable(model):
         raise TypeError(
             f"`model` must be a keras.Model or a callable; received an object of type "
@@ -407,8 +427,9 @@ def prepare(
         act_bytes=act,
         order=order,
     )
-    problem.predictions = predict_flat(problem, arrays, learn=True)
-    _select(problem, outputs, top_k)
+    if not defer:
+        problem.predictions = predict_flat(problem, arrays, learn=True)
+        select(problem, outputs, top_k)
     return problem
 
 
@@ -421,7 +442,7 @@ def _floatx() -> str:
         return "float32"
 
 
-def _select(problem: Problem, outputs, top_k) -> None:
+def select(problem: Problem, outputs, top_k) -> None:
     """Resolves ``outputs=`` / ``top_k=`` into rows, the engine's ``outputs=`` and groups."""
     sizes = [int(np.prod(s, dtype=np.int64)) for s in problem.out_shapes]
     offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
@@ -563,15 +584,22 @@ def predict_batch_size(problem: Problem) -> int:
     return int(max(1, min(4096, problem.max_memory // max(per_sample, 1))))
 
 
-def predict_flat(problem: Problem, leaves: list[np.ndarray], *, learn: bool = False) -> np.ndarray:
+def predict_flat(
+    problem: Problem, leaves: list[np.ndarray], *, learn: bool = False, call=None
+) -> np.ndarray:
     """The model's outputs at ``leaves`` (flat inputs ``(r, *input_shape_i)``), flattened and
-    concatenated: ``(r, M)``, evaluated in batches. ``learn``: record the output structure."""
+    concatenated: ``(r, M)``, evaluated in batches. ``learn``: record the output structure.
+    ``call(chunk, start)``: computes a chunk's outputs instead of the model (e.g. from cached
+    activations)."""
     n = int(leaves[0].shape[0])
     step = predict_batch_size(problem)
     parts = []
     for s0 in range(0, n, step):
         chunk = [a[s0 : s0 + step] for a in leaves]
-        out = _call(problem.model, problem.wrap(chunk))
+        if call is None:
+            out = _call(problem.model, problem.wrap(chunk))
+        else:
+            out = call(chunk, s0)
         outs, structure = flatten(out, "the model's output")
         if structure.kind != DICT and len(structure) == 1:
             structure = Structure(SINGLE)

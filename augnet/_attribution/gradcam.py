@@ -276,7 +276,7 @@ def _activation_rows(problem, J, act_shape, nested: bool) -> np.ndarray:
     return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=1)
 
 
-def layer_sensitivity(problem, path: str, layer):
+def layer_sensitivity(problem, path: str, layer, activations=None):
     """Yields ``(samples, A (b, *act), G (b, m, *act))`` over the batch in chunks that fit the
     memory budget: the activation and ``∂y/∂A`` for the selected outputs (``x`` held fixed).
 
@@ -284,7 +284,8 @@ def layer_sensitivity(problem, path: str, layer):
     ``augnet.jacobian`` of the model's head ``A -> y`` (both Keras models sharing the weights,
     so the engine's compiled functions and plans are reused between calls). A layer inside a
     nested model: ``A`` recorded in a forward pass, ``G`` from ``augnet.jacobian`` of the model
-    with that layer's output replaced by an input.
+    with that layer's output replaced by an input. ``activations``: ``A`` for the whole batch,
+    already computed.
     """
     import augnet
 
@@ -302,7 +303,10 @@ def layer_sensitivity(problem, path: str, layer):
         leaves = [a[s0:s1] for a in problem.leaves]
         if split is not None:
             activation, head, takes_x = split
-            A = _base.to_numpy(activation.predict_on_batch(problem.wrap(leaves)))
+            if activations is not None:
+                A = activations[s0:s1]
+            else:
+                A = _base.to_numpy(activation.predict_on_batch(problem.wrap(leaves)))
             args = [A, *problem.model_order(leaves)] if takes_x else A
             fn, nested = head, takes_x
         else:
@@ -383,20 +387,45 @@ def _gradcam(
         batch_size=batch_size,
         max_memory=max_memory,
         engine=_base.engine_options(engine, method),
+        defer=True,
     )
     if not isinstance(upsample, bool):
         raise TypeError(invalid_value("upsample", upsample, "True or False"))
     interpolation = _base.check_choice(interpolation, "interpolation", INTERPOLATIONS)
     path, found = find_layer(model, layer)
+    activations = _predict(problem, path, found)
+    _base.select(problem, outputs, top_k)
     act_spatial = tuple(int(d) for d in found.output.shape[1:-1])
     cams = np.empty((problem.batch, problem.m, *act_spatial))
-    for samples, A, G in layer_sensitivity(problem, path, found):
+    for samples, A, G in layer_sensitivity(problem, path, found, activations):
         cams[samples] = cam_from(A, G, plus_plus=method == "gradcam_plus_plus")
     if not upsample:
         flat_problem = _replace_inputs(problem, act_spatial)
         return flat_problem.result([cams], method, extra=True, layer=path)
     flat = [_upsample(cams, shape, interpolation) for shape in problem.in_shapes]
     return problem.result(flat, method, extra=True, layer=path)
+
+
+def _predict(problem, path: str, layer):
+    """Sets ``problem.predictions``; returns the layer's activations for the whole batch when
+    they came with them (the model cut at the layer: ``A`` from the first part, the outputs from
+    the small head, one forward pass in all), else ``None``."""
+    split = _split(problem.model, path, layer)
+    act_size = int(np.prod([int(d) for d in layer.output.shape[1:]]))
+    fits = problem.batch * act_size * problem.itemsize <= problem.max_memory // _base.POINTS_SHARE
+    if split is None or not fits:
+        problem.predictions = _base.predict_flat(problem, problem.leaves, learn=True)
+        return None
+    activation, head, takes_x = split
+    parts = []
+
+    def call(chunk, start):
+        A = _base.to_numpy(activation.predict_on_batch(problem.wrap(chunk)))
+        parts.append(A)
+        return head.predict_on_batch([A, *problem.model_order(chunk)] if takes_x else A)
+
+    problem.predictions = _base.predict_flat(problem, problem.leaves, learn=True, call=call)
+    return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
 
 def _replace_inputs(problem, spatial: tuple):
