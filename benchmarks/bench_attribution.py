@@ -98,9 +98,7 @@ def build(kind: str):
     if kind == "mobilenet":
         path = OUT / "attr_mobilenet.weights.h5"
         keras.utils.set_random_seed(3)
-        model = keras.applications.MobileNetV2(
-            alpha=0.35, input_shape=(96, 96, 3), weights=None
-        )
+        model = keras.applications.MobileNetV2(alpha=0.35, input_shape=(96, 96, 3), weights=None)
         if path.exists():
             model.load_weights(path)
         else:
@@ -133,8 +131,8 @@ def rows_of(kind: str, model, x) -> np.ndarray:
 
 def augnet_noise(x: np.ndarray, n: int, seed: int = 0) -> np.ndarray:
     """The noise augnet.smoothgrad(seed=seed) draws: ``(n, B, *shape)``, point by point."""
-    rng = np.random.default_rng(seed)
-    eps = rng.standard_normal((len(x) * n, x[0].size), dtype=np.float32)
+    streams = np.random.default_rng(seed).spawn(len(x))  # one stream per sample
+    eps = np.stack([s.standard_normal((n, x[0].size), dtype=np.float32) for s in streams])
     flat = x.reshape(len(x), -1)
     sigma = NOISE * (flat.max(1) - flat.min(1))
     eps = eps.reshape(len(x), n, *x.shape[1:]) * sigma.reshape(-1, 1, *([1] * (x.ndim - 1)))
@@ -161,7 +159,9 @@ def _augnet(job, model, x, rows):
     if method == "smoothgrad":
 
         def run():
-            r = augnet.smoothgrad(model, x, n_samples=SAMPLES, noise_level=NOISE, seed=0, outputs=outputs)
+            r = augnet.smoothgrad(
+                model, x, n_samples=SAMPLES, noise_level=NOISE, seed=0, outputs=outputs
+            )
             return np.asarray(getattr(r, "attributions", r))
 
     elif method == "ig":
@@ -330,7 +330,9 @@ def _peer(job, model, x, rows, peer):
         if method == "smoothgrad":
             # xplique's noise is one absolute σ: the batch's mean of augnet's per-image σ.
             sigma = float(np.mean(NOISE * (x.reshape(b, -1).max(1) - x.reshape(b, -1).min(1))))
-            explainer = SmoothGrad(model, nb_samples=SAMPLES, noise=sigma, reducer=None, batch_size=SAMPLES * b)
+            explainer = SmoothGrad(
+                model, nb_samples=SAMPLES, noise=sigma, reducer=None, batch_size=SAMPLES * b
+            )
             exact = SmoothGrad(model, nb_samples=2, noise=0.0, reducer=None)
         elif method == "ig":
             explainer = IntegratedGradients(model, steps=STEPS, reducer=None, batch_size=STEPS * b)
@@ -354,8 +356,15 @@ def _peer(job, model, x, rows, peer):
             def call(noise=NOISE, samples=SAMPLES):
                 return np.stack(
                     [
-                        sal(CategoricalScore(list(rows[:, j])), x, smooth_samples=samples, smooth_noise=noise,
-                            keepdims=True, gradient_modifier=None, normalize_map=False)
+                        sal(
+                            CategoricalScore(list(rows[:, j])),
+                            x,
+                            smooth_samples=samples,
+                            smooth_noise=noise,
+                            keepdims=True,
+                            gradient_modifier=None,
+                            normalize_map=False,
+                        )
                         for j in range(k)
                     ],
                     axis=1,
@@ -367,9 +376,14 @@ def _peer(job, model, x, rows, peer):
             def call(expand=True):
                 return np.stack(
                     [
-                        cam(CategoricalScore(list(rows[:, j])), x, penultimate_layer=layer,
-                            seek_penultimate_conv_layer=False, expand_cam=expand,
-                            normalize_cam=False)
+                        cam(
+                            CategoricalScore(list(rows[:, j])),
+                            x,
+                            penultimate_layer=layer,
+                            seek_penultimate_conv_layer=False,
+                            expand_cam=expand,
+                            normalize_cam=False,
+                        )
                         for j in range(k)
                     ],
                     axis=1,
@@ -405,19 +419,35 @@ def _peer(job, model, x, rows, peer):
             m = saliency.GradientSaliency()
 
             def one(i, j, noise=NOISE):
-                return m.GetSmoothedMask(x[i], callback, {"j": int(rows[i, j])}, stdev_spread=noise, nsamples=SAMPLES, magnitude=False)
+                return m.GetSmoothedMask(
+                    x[i],
+                    callback,
+                    {"j": int(rows[i, j])},
+                    stdev_spread=noise,
+                    nsamples=SAMPLES,
+                    magnitude=False,
+                )
 
         elif method == "ig":
             m = saliency.IntegratedGradients()
 
             def one(i, j, noise=None):
-                return m.GetMask(x[i], callback, {"j": int(rows[i, j])}, x_baseline=np.zeros_like(x[i]), x_steps=STEPS, batch_size=STEPS)
+                return m.GetMask(
+                    x[i],
+                    callback,
+                    {"j": int(rows[i, j])},
+                    x_baseline=np.zeros_like(x[i]),
+                    x_steps=STEPS,
+                    batch_size=STEPS,
+                )
 
         else:
             m = saliency.GradCam()
 
             def one(i, j, noise=None):
-                return m.GetMask(x[i], callback, {"j": int(rows[i, j])}, should_resize=False, three_dims=False)
+                return m.GetMask(
+                    x[i], callback, {"j": int(rows[i, j])}, should_resize=False, three_dims=False
+                )
 
         def call():
             return [one(i, j) for i, j in subset]
@@ -429,10 +459,17 @@ def _peer(job, model, x, rows, peer):
             if method == "smoothgrad":
                 zero = one(i, j, noise=0.0)
                 g = augnet.gradient(model, x[i : i + 1], outputs=[int(rows[i, j])])[0, 0]
-                return {**M.compare(zero, g), "note": f"σ=0 vs augnet.gradient; timed on {len(subset)} of {len(pairs)} (image, output) pairs, scaled"}
+                return {
+                    **M.compare(zero, g),
+                    "note": f"σ=0 vs augnet.gradient; timed on {len(subset)} of {len(pairs)} (image, output) pairs, scaled",
+                }
             if method == "ig":
                 ours = augnet.integrated_gradients(
-                    model, x, steps=STEPS, rule=(np.linspace(0, 1, STEPS), np.full(STEPS, 1 / STEPS)), outputs=rows
+                    model,
+                    x,
+                    steps=STEPS,
+                    rule=(np.linspace(0, 1, STEPS), np.full(STEPS, 1 / STEPS)),
+                    outputs=rows,
                 ).attributions
                 got = np.stack([result[p] for p in range(len(subset))])
                 want = np.stack([ours[a, c] for a, c in subset])
@@ -453,14 +490,25 @@ def _peer(job, model, x, rows, peer):
             g = np.asarray(getattr(g, "attributions", g))
             c = M.compare(zero, g)
             rel_l2 = float(np.linalg.norm(result - ref) / np.linalg.norm(ref))
-            return {**c, "note": f"σ=0 vs augnet.gradient; timed run vs augnet (other noise): rel L2 {rel_l2:.2f}"}
+            return {
+                **c,
+                "note": f"σ=0 vs augnet.gradient; timed run vs augnet (other noise): rel L2 {rel_l2:.2f}",
+            }
         if method == "ig":
             return {**M.compare(result, ref), "note": "the same rule"}
         raw = augnet.gradcam(model, x, layer=layer, outputs=rows, upsample=False).attributions
         if peer == "tf_keras_vis":
-            return {**M.compare(call(expand=False), raw), "note": "before resizing (it resizes with scipy zoom)"}
-        resized = tf.image.resize(raw.reshape(b * k, *raw.shape[2:], 1), x.shape[1:3], method="bicubic")
-        return {**M.compare(result[..., 0], resized.numpy().reshape(b, k, *x.shape[1:3], 1)[..., 0]), "note": "augnet's maps resized bicubic, as it does"}
+            return {
+                **M.compare(call(expand=False), raw),
+                "note": "before resizing (it resizes with scipy zoom)",
+            }
+        resized = tf.image.resize(
+            raw.reshape(b * k, *raw.shape[2:], 1), x.shape[1:3], method="bicubic"
+        )
+        return {
+            **M.compare(result[..., 0], resized.numpy().reshape(b, k, *x.shape[1:3], 1)[..., 0]),
+            "note": "augnet's maps resized bicubic, as it does",
+        }
 
     scale = (len(pairs) / len(subset)) if peer == "pair" else 1.0
     return call, full, check, scale
@@ -534,7 +582,11 @@ def run_child(task: dict, timeout: float) -> dict:
         try:
             subprocess.run(
                 [sys.executable, str(Path(__file__).resolve()), "--child", str(task_path)],
-                stdout=fh, stderr=subprocess.STDOUT, env=_env(), timeout=timeout, check=False,
+                stdout=fh,
+                stderr=subprocess.STDOUT,
+                env=_env(),
+                timeout=timeout,
+                check=False,
             )
         except subprocess.TimeoutExpired:
             return {"status": "killed", "note": f"still running after {timeout:.0f} s"}
@@ -551,7 +603,11 @@ def child_entry(path: str) -> int:
     try:
         result = child(task)
     except BaseException as exc:  # noqa: BLE001 - reported
-        result = {"status": "error", "note": f"{type(exc).__name__}: {str(exc)[:300]}", "traceback": traceback.format_exc()}
+        result = {
+            "status": "error",
+            "note": f"{type(exc).__name__}: {str(exc)[:300]}",
+            "traceback": traceback.format_exc(),
+        }
     Path(task["result_path"]).write_text(json.dumps(result, default=float))
     return 0
 
@@ -572,7 +628,9 @@ def table(job: str, results: dict) -> list[str]:
     ]
     for contender, r in results.items():
         if r.get("status") != "ok":
-            lines.append(f"| {LABELS[contender]} | — | — | — | — | — | — | {r.get('status')}: {r.get('note', '')} |")
+            lines.append(
+                f"| {LABELS[contender]} | — | — | — | — | — | — | {r.get('status')}: {r.get('note', '')} |"
+            )
             continue
         ratio = r["median_s"] / ours if ours else float("nan")
         err = "—" if "max_abs_err" not in r else f"{r['max_abs_err']:.1e} ({r['rel_err']:.0e})"
@@ -590,18 +648,31 @@ def targets(all_results: dict) -> list[str]:
         ours = results.get("augnet", {}).get("median_s")
         if not ours:
             continue
-        peers = {p: r["median_s"] for p, r in results.items() if p in PEERS and r.get("status") == "ok"}
+        peers = {
+            p: r["median_s"] for p, r in results.items() if p in PEERS and r.get("status") == "ok"
+        }
         engine_keys = ["engine"]
-        engine = min((results[e]["median_s"] for e in engine_keys if results.get(e, {}).get("status") == "ok"), default=None)
+        engine = min(
+            (
+                results[e]["median_s"]
+                for e in engine_keys
+                if results.get(e, {}).get("status") == "ok"
+            ),
+            default=None,
+        )
         parts = []
         if peers:
             best = min(peers, key=peers.get)
             speedup = peers[best] / ours
-            parts.append(f"fastest peer {LABELS[best]} {speedup:.1f}× slower than augnet ({'met' if speedup >= 2 else 'NOT met'}: ≥ 2×)")
+            parts.append(
+                f"fastest peer {LABELS[best]} {speedup:.1f}× slower than augnet ({'met' if speedup >= 2 else 'NOT met'}: ≥ 2×)"
+            )
         else:
             parts.append("no peer ran")
         if engine:
-            parts.append(f"augnet / engine {ours / engine:.2f}× ({'met' if ours / engine <= 1.2 else 'NOT met'}: ≤ 1.2×)")
+            parts.append(
+                f"augnet / engine {ours / engine:.2f}× ({'met' if ours / engine <= 1.2 else 'NOT met'}: ≤ 1.2×)"
+            )
         out.append(f"- {job}: " + "; ".join(parts))
     return out
 
@@ -636,9 +707,20 @@ def main(argv=None) -> int:
             if contender in PEERS and missing[contender]:
                 all_results[job][contender] = {"status": "skipped", "note": "not installed"}
                 continue
-            r = run_child({"job": job, "contender": contender, "repeats": args.repeats, "budget": args.budget}, args.timeout)
+            r = run_child(
+                {
+                    "job": job,
+                    "contender": contender,
+                    "repeats": args.repeats,
+                    "budget": args.budget,
+                },
+                args.timeout,
+            )
             all_results[job][contender] = r
-            print(f"{job:22s} {contender:14s} {r.get('status'):8s} {fmt_time(r.get('median_s'))} {r.get('note', '')[:90]}", flush=True)
+            print(
+                f"{job:22s} {contender:14s} {r.get('status'):8s} {fmt_time(r.get('median_s'))} {r.get('note', '')[:90]}",
+                flush=True,
+            )
     minutes = (time.time() - t_start) / 60
     info = M.machine_info({})
     lines = [

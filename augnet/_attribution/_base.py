@@ -24,9 +24,11 @@ from __future__ import annotations
 
 import math
 import numbers
+import os
 import re
 import weakref
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -37,7 +39,8 @@ from augnet._structure import DICT, SINGLE, Structure, check_against_spec, check
 from augnet._structure import unflatten as _unflatten
 
 DEFAULT_MAX_MEMORY = 2 * 1024**3  # bytes per pass when max_memory is not given (the engine's)
-POINTS_SHARE = 4  # a round's points take at most max_memory / POINTS_SHARE
+MIN_ROUND = 32  # points per round when a job is split for overlap
+POINTS_SHARE = 8  # a round's points take at most max_memory / POINTS_SHARE (two rounds live)
 ENGINE_OPTIONS = ("strategy", "chunk_size", "jit_compile", "derivatives")
 
 
@@ -616,11 +619,28 @@ def predict_flat(
 # --------------------------------------------------------------------------------------------------
 
 
+def parallel(fn, tasks: list) -> None:
+    """``fn(*task)`` for every task, on up to as many threads as cores (NumPy's random draws and
+    array operations release the GIL); in order on one core."""
+    workers = min(len(tasks), os.cpu_count() or 1)
+    if workers <= 1:
+        for task in tasks:
+            fn(*task)
+        return
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        for future in [pool.submit(fn, *task) for task in tasks]:
+            future.result()
+
+
 def round_points(problem: Problem, total: int) -> int:
-    """Points per round: their inputs take at most ``max_memory / 4``; a multiple of the
-    caller's ``batch_size`` (so that no pass is cut short inside a round)."""
+    """Points per round: their inputs take at most ``max_memory / 8`` (two rounds are alive at
+    once: one in the engine, the next being made); at least 4 rounds of ``MIN_ROUND`` or more
+    points when there are enough, so that making the points overlaps the engine's work; a
+    multiple of the caller's ``batch_size`` (no pass cut short inside a round)."""
     per_point = sum(int(np.prod(s)) for s in problem.in_shapes) * problem.itemsize
     cap = max(1, problem.max_memory // (POINTS_SHARE * max(per_point, 1)))
+    if total >= 4 * MIN_ROUND:
+        cap = min(cap, max(MIN_ROUND, math.ceil(total / 4)))
     if problem.batch_size is not None:
         cap = max(problem.batch_size, cap // problem.batch_size * problem.batch_size)
     return int(min(total, cap))
@@ -686,6 +706,7 @@ def stream_sums(
     """
     shapes = problem.in_shapes
     batch, m = problem.batch, problem.m
+    mean = m2 = count = total = w_all = None
     if moments:
         mean = [np.zeros((batch, m, *s)) for s in shapes]
         m2 = [np.zeros((batch, m, *s)) for s in shapes]
@@ -693,32 +714,44 @@ def stream_sums(
     else:
         w_all = np.ones(n) if weights is None else np.asarray(weights, dtype=np.float64)
         total = [np.zeros((batch, m, *s)) for s in shapes]
+    sums_state = (mean, m2, count, total)
     n_points = batch * n
     step = round_points(problem, n_points)
-    for p0 in range(0, n_points, step):
-        ids = np.arange(p0, min(n_points, p0 + step))
-        owners, copies = ids // n, ids % n
-        points = make_points(owners, copies)
-        for chunk in iter_jacobian(problem, points, problem.outputs_for(owners)):
-            values = problem.leaves_of(chunk.values)
-            own = owners[chunk.samples]
-            cols = chunk.columns
-            starts = np.flatnonzero(np.r_[True, own[1:] != own[:-1]])
-            ends = np.r_[starts[1:], len(own)]
-            for a, b in zip(starts, ends):
-                u = own[a]
-                for i, v in enumerate(values):
-                    block = v[a:b]
-                    if moments:
-                        _merge_moments(
-                            mean[i], m2[i], count, u, cols, block, last=i == len(values) - 1
-                        )
-                    else:
-                        w = w_all[copies[chunk.samples][a:b]].astype(block.dtype)
-                        total[i][u, cols] += np.tensordot(w, block, axes=1)
+    rounds = [np.arange(p0, min(n_points, p0 + step)) for p0 in range(0, n_points, step)]
+    # The next round's points are made in a thread while the engine works on this one.
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        pending = pool.submit(make_points, rounds[0] // n, rounds[0] % n)
+        for r, ids in enumerate(rounds):
+            owners, copies = ids // n, ids % n
+            points = pending.result()
+            if r + 1 < len(rounds):
+                nxt = rounds[r + 1]
+                pending = pool.submit(make_points, nxt // n, nxt % n)
+            _fold(problem, points, owners, copies, w_all if not moments else None, sums_state)
     if moments:
         return Sums(mean=mean, m2=m2, n=n)
     return Sums(total=total, n=n)
+
+
+def _fold(problem, points, owners, copies, w_all, state) -> None:
+    """Runs one round's points through the engine and folds the blocks into the sums."""
+    mean, m2, count, total = state
+    moments = w_all is None
+    for chunk in iter_jacobian(problem, points, problem.outputs_for(owners)):
+        values = problem.leaves_of(chunk.values)
+        own = owners[chunk.samples]
+        cols = chunk.columns
+        starts = np.flatnonzero(np.r_[True, own[1:] != own[:-1]])
+        ends = np.r_[starts[1:], len(own)]
+        for a, b in zip(starts, ends):
+            u = own[a]
+            for i, v in enumerate(values):
+                block = v[a:b]
+                if moments:
+                    _merge_moments(mean[i], m2[i], count, u, cols, block, last=i == len(values) - 1)
+                else:
+                    w = w_all[copies[chunk.samples][a:b]].astype(block.dtype)
+                    total[i][u, cols] += np.tensordot(w, block, axes=1)
 
 
 def _merge_moments(mean, m2, count, u, cols, block, *, last: bool) -> None:

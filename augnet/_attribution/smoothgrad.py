@@ -69,19 +69,28 @@ def _noisy_gradients(
             else _base.check_positive_int(n_samples, "n_samples")
         )
         sigmas = _sigmas(problem, noise_level, sigma)
-        rng = _base.make_rng(seed)
+        streams = _base.make_rng(seed).spawn(problem.batch)  # one stream per sample
         sizes = [int(np.prod(s)) for s in problem.in_shapes]
         draw_dtype = np.float64 if problem.dtype == np.float64 else np.float32
 
         def make_points(owners, copies):
-            # One draw per point, all inputs' elements together: the same numbers however the
-            # points are split into rounds.
-            eps = rng.standard_normal((len(owners), sum(sizes)), dtype=draw_dtype)
+            # Sample i's copies are drawn in order from its own stream, one standard normal
+            # vector per copy (all inputs' elements together): the same numbers however the
+            # points are split into rounds, and samples can be drawn in parallel.
+            eps = np.empty((len(owners), sum(sizes)), dtype=draw_dtype)
+            starts = np.flatnonzero(np.r_[True, owners[1:] != owners[:-1]])
+            ends = np.r_[starts[1:], len(owners)]
+
+            def draw(a, b):
+                streams[owners[a]].standard_normal(out=eps[a:b], dtype=draw_dtype)
+
+            _base.parallel(draw, list(zip(starts, ends)))
             points, start = [], 0
             for a, s, size in zip(leaves, sigmas, sizes):
                 e = eps[:, start : start + size].reshape(len(owners), *a.shape[1:])
-                scale = s[owners].reshape(-1, *([1] * (a.ndim - 1)))
-                points.append((a[owners] + scale * e).astype(problem.dtype, copy=False))
+                e *= s[owners].reshape(-1, *([1] * (a.ndim - 1))).astype(draw_dtype)
+                e += a[owners]
+                points.append(e.astype(problem.dtype, copy=False))
                 start += size
             return points
 
@@ -159,8 +168,9 @@ _DOC_ARGS = """
         noise: explicit noise instead of drawing it: ``(n_samples, batch, *input_shape)`` (or
             ``(n_samples, *input_shape)`` for all samples), per input as a list/dict; the copies
             are ``x + noise[j]``.
-        seed: an int, a ``numpy.random.Generator`` (drawn from, as is) or ``None``. The noise
-            does not depend on ``max_memory`` or ``batch_size``.
+        seed: an int, a ``numpy.random.Generator`` or ``None``. Each sample gets its own
+            stream (``Generator.spawn``), from which its copies are drawn in order, one standard
+            normal vector each: the noise does not depend on ``max_memory`` or ``batch_size``.
         outputs, top_k: as :func:`augnet.gradient`; ``top_k`` is chosen on the clean input, and
             every noisy copy of sample ``i`` differentiates sample ``i``'s selected outputs.
         batch_size: points (noisy copies) per engine pass; max_memory: per pass, as
