@@ -109,3 +109,16 @@ def test_randomisation_check_on_the_shipped_model(shipped):
         np.testing.assert_array_equal(a, b)  # the model itself is not changed
     reinit = augnet.randomization_check(model, x, "gradient", randomize="reinit", outputs=[0])
     assert np.isnan(reinit.correlation).all()  # zero-initialised dense layer: no map to rank
+
+
+def test_example_attribution_methods_runs(tmp_path):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "examples" / "attribution_methods.py"
+    spec = importlib.util.spec_from_file_location("_example_attribution_methods", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    out = module.main(tmp_path, verbose=False)  # asserts its own figures
+    assert out["sheet"].exists() and out["sheet"].parent == tmp_path
+    assert out["inside"]["gradient"].min() > 0.95
