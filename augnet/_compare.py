@@ -359,6 +359,9 @@ def comparison_sheet(
     try:
         with os.fdopen(descriptor, "wb") as stream:
             figure.savefig(stream, format="png", dpi=dpi)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(temporary, 0o666 & ~umask)  # as open() would (mkstemp makes it private)
         os.replace(temporary, target)
     except BaseException:
         if os.path.exists(temporary):

@@ -91,3 +91,23 @@ def test_comparison_sheet_on_the_shipped_model(tmp_path):
         augnet.comparison_sheet(tmp_path / "b.png", model, np.concatenate([x, x]), outputs=[0])
     with pytest.raises(ValueError, match=r"\.png"):
         augnet.comparison_sheet(tmp_path / "b.jpg", model, x, outputs=[0])
+
+
+def test_comparison_sheet_file_mode_follows_the_umask(tmp_path):
+    import os
+
+    import augnet
+    from augnet._compare import comparison_sheet
+
+    model = augnet.load_model(_demo.demo_model_path())
+    path = comparison_sheet(
+        tmp_path / "m.png",
+        model,
+        _demo.load_sample_image(),
+        methods=["gradient"],
+        outputs=[0],
+        evaluate=False,
+    )
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (path.stat().st_mode & 0o777) == (0o666 & ~umask)

@@ -865,8 +865,12 @@ def gaussian_matrix(size: int, sigma: float, truncate: float = 4.0) -> np.ndarra
 
 
 def apply_along(array: np.ndarray, matrices: dict[int, np.ndarray]) -> np.ndarray:
-    """Applies ``matrices[axis]`` ``(n_out, n_in)`` along each given axis of ``array``."""
+    """Applies ``matrices[axis]`` ``(n_out, n_in)`` along each given axis of ``array`` (one
+    matrix product per axis, on a contiguous 2-D view so that BLAS does it)."""
     for axis, mat in matrices.items():
         moved = np.moveaxis(array, axis, -1)
-        array = np.moveaxis(moved @ mat.T.astype(moved.dtype, copy=False), -1, axis)
-    return array
+        shape = moved.shape
+        flat = np.ascontiguousarray(moved).reshape(-1, shape[-1])
+        out = flat @ mat.T.astype(flat.dtype, copy=False)
+        array = np.moveaxis(out.reshape(*shape[:-1], mat.shape[0]), -1, axis)
+    return np.ascontiguousarray(array)

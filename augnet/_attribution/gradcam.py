@@ -355,13 +355,22 @@ def _upsample(cams: np.ndarray, in_shape: tuple, interpolation: str) -> np.ndarr
             f"{format_shape(in_shape)} has {len(axes)}: the map cannot be resized onto it. "
             "Pass upsample=False for the layer-sized maps."
         )
-    mats = {
-        2 + i: _base.interpolation_matrix(cams.shape[2 + i], in_shape[ax], interpolation)
+    mats = [
+        _base.interpolation_matrix(cams.shape[2 + i], in_shape[ax], interpolation).astype(
+            cams.dtype
+        )
         for i, ax in enumerate(axes)
-    }
-    resized = _base.apply_along(cams, mats)
+    ]
+    if n_sp == 2:  # images: R_h · cam · R_wᵀ, stacked matrix products over (batch, k)
+        resized = np.matmul(np.matmul(mats[0], cams), mats[1].T)
+    elif n_sp == 1:
+        resized = cams @ mats[0].T
+    else:
+        resized = _base.apply_along(cams, {2 + i: m for i, m in enumerate(mats)})
     if len(in_shape) > len(axes):  # channels: the same map in each
-        resized = np.repeat(resized[..., None], in_shape[-1], axis=-1)
+        if in_shape[-1] == 1:
+            return resized[..., None]
+        return np.repeat(resized[..., None], in_shape[-1], axis=-1)
     return resized
 
 
@@ -399,6 +408,7 @@ def _gradcam(
     cams = np.empty((problem.batch, problem.m, *act_spatial))
     for samples, A, G in layer_sensitivity(problem, path, found, activations):
         cams[samples] = cam_from(A, G, plus_plus=method == "gradcam_plus_plus")
+    cams = cams.astype(problem.dtype)
     if not upsample:
         flat_problem = _replace_inputs(problem, act_spatial)
         return flat_problem.result([cams], method, extra=True, layer=path)
