@@ -133,10 +133,10 @@ def augnet_noise(x: np.ndarray, n: int, seed: int = 0) -> np.ndarray:
     """The noise augnet.smoothgrad(seed=seed) draws: ``(n, B, *shape)``, point by point."""
     streams = np.random.default_rng(seed).spawn(len(x))  # one stream per sample
     eps = np.stack([s.standard_normal((n, x[0].size), dtype=np.float32) for s in streams])
-    flat = x.reshape(len(x), -1)
-    sigma = NOISE * (flat.max(1) - flat.min(1))
+    flat = x.reshape(len(x), -1).astype(np.float64)
+    sigma = (NOISE * (flat.max(1) - flat.min(1))).astype(np.float32)  # scaled in float32,
     eps = eps.reshape(len(x), n, *x.shape[1:]) * sigma.reshape(-1, 1, *([1] * (x.ndim - 1)))
-    return np.moveaxis(eps, 1, 0).astype(np.float32)
+    return np.moveaxis(eps, 1, 0)  # as augnet does: the same points to the last bit
 
 
 def trapezoid(n: int):

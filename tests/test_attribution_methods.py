@@ -701,3 +701,37 @@ def test_attribute_dispatches_and_checks(convnet):
         augnet.smoothgrad(model, x, seed="abc")
     with pytest.raises(ValueError, match="the batch axis is missing"):
         augnet.gradient(model, x[0])
+
+
+def test_methods_never_change_the_model():
+    import keras
+
+    import augnet
+
+    keras.utils.set_random_seed(12)
+    L = keras.layers
+    model = keras.Sequential(
+        [
+            keras.Input((6, 6, 1)),
+            L.Conv2D(2, 3, name="conv"),
+            L.BatchNormalization(),
+            L.ReLU(),
+            L.Dropout(0.5),
+            L.Flatten(),
+            L.Dense(3),
+        ]
+    )
+    bn = model.layers[1]
+    bn.moving_mean.assign([0.3, -0.2])
+    bn.moving_variance.assign([2.0, 0.5])
+    x = np.random.default_rng(0).normal(size=(2, 6, 6, 1)).astype("float32")
+    before = [w.copy() for w in model.get_weights()]
+    first = augnet.smoothgrad(model, x, n_samples=3, seed=0)
+    for method in augnet.ATTRIBUTION_METHODS:
+        augnet.attribute(
+            model, x, method=method, **({"window": 3} if method == "occlusion" else {})
+        )
+    for a, b in zip(before, model.get_weights()):
+        np.testing.assert_array_equal(a, b)
+    # Inference mode: Dropout off, so the same call gives the same maps.
+    np.testing.assert_array_equal(augnet.smoothgrad(model, x, n_samples=3, seed=0), first)
