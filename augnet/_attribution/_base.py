@@ -619,17 +619,24 @@ def predict_flat(
 # --------------------------------------------------------------------------------------------------
 
 
-def parallel(fn, tasks: list) -> None:
-    """``fn(*task)`` for every task, on up to as many threads as cores (NumPy's random draws and
-    array operations release the GIL); in order on one core."""
+_POOL: ThreadPoolExecutor | None = None
+PARALLEL_MIN_ELEMENTS = 1 << 20  # below this, one thread: starting work on others costs more
+
+
+def parallel(fn, tasks: list, elements: int = 0) -> None:
+    """``fn(*task)`` for every task, on as many threads as cores when there are ``elements``
+    enough to be worth it (NumPy's random draws and array operations release the GIL), else in
+    order on this thread. One pool for the process, made on first use."""
+    global _POOL
     workers = min(len(tasks), os.cpu_count() or 1)
-    if workers <= 1:
+    if workers <= 1 or elements < PARALLEL_MIN_ELEMENTS:
         for task in tasks:
             fn(*task)
         return
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        for future in [pool.submit(fn, *task) for task in tasks]:
-            future.result()
+    if _POOL is None:
+        _POOL = ThreadPoolExecutor(max_workers=os.cpu_count() or 1)
+    for future in [_POOL.submit(fn, *task) for task in tasks]:
+        future.result()
 
 
 def round_points(problem: Problem, total: int) -> int:

@@ -84,7 +84,7 @@ def _noisy_gradients(
             def draw(a, b):
                 streams[owners[a]].standard_normal(out=eps[a:b], dtype=draw_dtype)
 
-            _base.parallel(draw, list(zip(starts, ends)))
+            _base.parallel(draw, list(zip(starts, ends)), elements=eps.size)
             points, start = [], 0
             for a, s, size in zip(leaves, sigmas, sizes):
                 e = eps[:, start : start + size].reshape(len(owners), *a.shape[1:])
