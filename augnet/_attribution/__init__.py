@@ -7,7 +7,8 @@
 - ``occlusion.py``: ``occlusion`` (model evaluations only);
 - ``metrics.py``: deletion/insertion curves and AUC, MuFidelity, the model-randomisation check,
   ``evaluate_attributions``;
-- ``_base.py``: inputs, options, output selection and the streaming of Jacobians at many points.
+- ``_base.py``: inputs, options, output selection and the streaming of Jacobians at many points;
+- ``_arrays.py``: spatial axes, resampling, blurring and window coverage as matrices (NumPy).
 
 The gradient methods reach the framework only through the engine's public functions
 (``augnet.jacobian``, ``augnet.iter_jacobian``) and Keras's public API, with NumPy above them.

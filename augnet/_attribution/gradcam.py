@@ -28,7 +28,7 @@ import weakref
 
 import numpy as np
 
-from augnet._attribution import _base
+from augnet._attribution import _arrays, _base
 from augnet._errors import format_shape, invalid_value
 from augnet._structure import DICT, SINGLE, Structure
 
@@ -348,7 +348,7 @@ def _upsample(cams: np.ndarray, in_shape: tuple, interpolation: str) -> np.ndarr
     """``(b, m, *spatial)`` -> ``(b, m, *in_shape)``: resized to the input's spatial axes and
     repeated over its channels."""
     n_sp = cams.ndim - 2
-    axes = _base.spatial_axes(in_shape)
+    axes = _arrays.spatial_axes(in_shape)
     if len(axes) != n_sp:
         raise ValueError(
             f"The Grad-CAM layer's feature map has {n_sp} spatial axis/axes, but the input "
@@ -356,7 +356,7 @@ def _upsample(cams: np.ndarray, in_shape: tuple, interpolation: str) -> np.ndarr
             "Pass upsample=False for the layer-sized maps."
         )
     mats = [
-        _base.interpolation_matrix(cams.shape[2 + i], in_shape[ax], interpolation).astype(
+        _arrays.interpolation_matrix(cams.shape[2 + i], in_shape[ax], interpolation).astype(
             cams.dtype
         )
         for i, ax in enumerate(axes)
@@ -366,7 +366,7 @@ def _upsample(cams: np.ndarray, in_shape: tuple, interpolation: str) -> np.ndarr
     elif n_sp == 1:
         resized = cams @ mats[0].T
     else:
-        resized = _base.apply_along(cams, {2 + i: m for i, m in enumerate(mats)})
+        resized = _arrays.apply_along(cams, {2 + i: m for i, m in enumerate(mats)})
     if len(in_shape) > len(axes):  # channels: the same map in each
         if in_shape[-1] == 1:
             return resized[..., None]

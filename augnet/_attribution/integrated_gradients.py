@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from augnet._attribution import _base
+from augnet._attribution import _arrays, _base
 from augnet._errors import invalid_value
 
 RULES = ("riemann_left", "riemann_right", "riemann_middle", "riemann_trapezoid", "gausslegendre")
@@ -89,9 +89,9 @@ def quadrature(rule, steps: int) -> tuple[np.ndarray, np.ndarray]:
 def blur(x: np.ndarray, sigma: float) -> np.ndarray:
     """Gaussian blur of each sample ``(batch, *input_shape)`` over its spatial axes (all but the
     channel axis), ``'reflect'`` borders; ``sigma`` in pixels."""
-    axes = _base.spatial_axes(x.shape[1:])
-    mats = {1 + ax: _base.gaussian_matrix(x.shape[1 + ax], sigma) for ax in axes}
-    return _base.apply_along(np.asarray(x, dtype=np.float64), mats).astype(x.dtype)
+    axes = _arrays.spatial_axes(x.shape[1:])
+    mats = {1 + ax: _arrays.gaussian_matrix(x.shape[1 + ax], sigma) for ax in axes}
+    return _arrays.apply_along(np.asarray(x, dtype=np.float64), mats).astype(x.dtype)
 
 
 def _baselines(problem, baseline, blur_sigma) -> list[np.ndarray]:
@@ -102,7 +102,7 @@ def _baselines(problem, baseline, blur_sigma) -> list[np.ndarray]:
             out.append(np.zeros_like(a))
         elif isinstance(spec, str):
             _base.check_choice(spec, "baseline", BASELINES)
-            spatial = [a.shape[1 + ax] for ax in _base.spatial_axes(a.shape[1:])]
+            spatial = [a.shape[1 + ax] for ax in _arrays.spatial_axes(a.shape[1:])]
             sigma = (
                 DEFAULT_BLUR * max(spatial)
                 if blur_sigma is None

@@ -28,7 +28,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from augnet._attribution import _base
+from augnet._attribution import _arrays, _base
 from augnet._errors import format_shape, invalid_value
 
 DEFAULT_STEPS = 20
@@ -115,7 +115,7 @@ def _resolve(model, x, attributions, outputs, batch_size, max_memory):
 
 def _features(maps: np.ndarray, shape: tuple) -> tuple[np.ndarray, tuple]:
     """``(B, k, F)`` feature scores (summed over the channels) and the feature grid's shape."""
-    axes = _base.spatial_axes(shape)
+    axes = _arrays.spatial_axes(shape)
     grid = tuple(shape[ax] for ax in axes)
     if len(shape) > len(axes):
         maps = maps.sum(axis=-1)
@@ -124,7 +124,7 @@ def _features(maps: np.ndarray, shape: tuple) -> tuple[np.ndarray, tuple]:
 
 def _expand(mask: np.ndarray, shape: tuple) -> np.ndarray:
     """``(r, F)`` feature mask -> ``(r, *shape)`` (every channel of a feature)."""
-    axes = _base.spatial_axes(shape)
+    axes = _arrays.spatial_axes(shape)
     grid = tuple(shape[ax] for ax in axes)
     mask = mask.reshape(mask.shape[0], *grid)
     if len(shape) > len(axes):
@@ -139,7 +139,7 @@ def _baseline(problem, baseline) -> np.ndarray:
         from augnet._attribution.integrated_gradients import DEFAULT_BLUR, blur
 
         a = problem.leaves[0]
-        spatial = [a.shape[1 + ax] for ax in _base.spatial_axes(a.shape[1:])]
+        spatial = [a.shape[1 + ax] for ax in _arrays.spatial_axes(a.shape[1:])]
         return blur(a, DEFAULT_BLUR * max(spatial))
     return np.ascontiguousarray(_base.broadcast_array(baseline, problem, 0, "baseline"))
 

@@ -22,7 +22,7 @@ import numbers
 
 import numpy as np
 
-from augnet._attribution import _base
+from augnet._attribution import _arrays, _base
 from augnet._errors import format_shape, invalid_value
 
 AGGREGATES = ("mean", "sum")
@@ -120,7 +120,7 @@ def occlusion(
     plans = []
     for a, win, step in zip(problem.leaves, windows, strides):
         shape = a.shape[1:]
-        axes = _base.spatial_axes(shape)
+        axes = _arrays.spatial_axes(shape)
         sizes = tuple(shape[ax] for ax in axes)
         if win is None:
             win = tuple(max(1, math.ceil(s / DEFAULT_WINDOWS)) for s in sizes)
@@ -165,7 +165,7 @@ def occlusion(
             2 + j: coverage(shape[ax], s, size)
             for j, (ax, s, size) in enumerate(zip(axes, starts, win))
         }
-        summed = _base.apply_along(d, mats)  # (B, m, *spatial sizes)
+        summed = _arrays.apply_along(d, mats)  # (B, m, *spatial sizes)
         if aggregate == "mean":
             counts = np.ones(())
             for j, mat in enumerate(mats.values()):
