@@ -31,9 +31,19 @@ setup(
     extras_require={
         # Ray Data for `augnet.ray` (and the distributed data-set run), pinned as tested
         "ray": ["ray[data]==2.60.0"],
-        # the tests run everything: Ray's tests and the report page in a browser (Selenium
-        # drives the system's Chromium; .ci/run installs it when it is missing)
-        "test": ["pytest>=7", "ray[data]==2.60.0", "selenium>=4.11"],
+        # The attribution peers (tf-keras-vis, PAIR saliency) install in seconds with our stack
+        # (~40 MB with scikit-image), so CI compares augnet's methods with theirs. xplique pins
+        # tensorflow[and-cuda]<=2.20 and is left out: see docs/attribution.md to add it by hand.
+        "attribution-peers": ["tf-keras-vis==0.8.7", "saliency==0.2.1"],
+        # the tests run everything: Ray's tests, the report page in a browser (Selenium drives
+        # the system's Chromium; .ci/run installs it when it is missing), the attribution peers
+        "test": [
+            "pytest>=7",
+            "ray[data]==2.60.0",
+            "selenium>=4.11",
+            "tf-keras-vis==0.8.7",
+            "saliency==0.2.1",
+        ],
         # torch pinned: a plain "torch" can pull a multi-GB CUDA build; 2.13.0 is the CPU wheel here
         "bench": ["torch==2.13.0", "jax==0.10.2", "jaxlib==0.10.2"],
         "dev": ["pytest>=7", "ruff"],

@@ -50,6 +50,28 @@ _EXPORTS = {
     "robust_scale": "augnet._render",
     "colormap_lut": "augnet._render",
     "contact_sheet": "augnet._report",
+    # attribution methods, metrics and the comparison sheet (augnet/_attribution/, _compare.py)
+    "attribute": "augnet._attribution",
+    "Attribution": "augnet._attribution",
+    "ATTRIBUTION_METHODS": "augnet._attribution",
+    "gradient": "augnet._attribution",
+    "gradient_x_input": "augnet._attribution",
+    "smoothgrad": "augnet._attribution",
+    "squaregrad": "augnet._attribution",
+    "vargrad": "augnet._attribution",
+    "integrated_gradients": "augnet._attribution",
+    "gradcam": "augnet._attribution",
+    "gradcam_plus_plus": "augnet._attribution",
+    "occlusion": "augnet._attribution",
+    "deletion": "augnet._attribution.metrics",
+    "insertion": "augnet._attribution.metrics",
+    "mufidelity": "augnet._attribution.metrics",
+    "randomization_check": "augnet._attribution.metrics",
+    "evaluate_attributions": "augnet._attribution.metrics",
+    "AttributionTable": "augnet._attribution.metrics",
+    "Curve": "augnet._attribution.metrics",
+    "comparison_sheet": "augnet._compare",
+    "build_comparison_sheet": "augnet._compare",
 }
 
 __all__ = ["__version__", *_EXPORTS]

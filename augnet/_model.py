@@ -101,6 +101,13 @@ class AugNet(keras.Model):
             wrt=wrt,
         )
 
+    def attribute(self, x, method: str = "gradient", **options):
+        """Attribution maps of this model's outputs by ``method``; see ``augnet.attribute``
+        (e.g. ``model.attribute(x, "integrated_gradients", top_k=1)``)."""
+        from augnet._attribution import attribute
+
+        return attribute(self, x, method, **options)
+
     def iter_jacobian(self, x, **kwargs):
         """Streams the Jacobian in blocks; see ``augnet.iter_jacobian``."""
         return _engine.iter_jacobian(self, x, **kwargs)

@@ -505,7 +505,8 @@ def test_a_swallowed_sigterm_still_stops_the_run(capsys, monkeypatch, tiny_model
 
     monkeypatch.setattr(_compute, "_jacobian", jacobian_with_lost_signal)
     out = tmp_path / "out"
+    before = signal.getsignal(signal.SIGTERM)  # SIG_DFL, or e.g. Ray's once ray.init ran here
     code, _, err = run(capsys, *_args(tiny_model, images, out))
     one_line(code, err, r"terminated before the first batch finished; nothing was written", 143)
     assert calls == [1] and not out.exists()
-    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is put back
+    assert signal.getsignal(signal.SIGTERM) is before  # the handler is put back

@@ -37,7 +37,11 @@ def jacobian(
             model with several inputs. Cast to the model's input dtype (float16/32/64 kept).
         outputs: select output elements by flat index (per sample): ``[0, 3, 7]`` gives
             ``(batch, 3, *input_shape)``. For a model with several outputs, a list/dict with one
-            entry per output (a list of indices, or ``None`` for all of it).
+            entry per output (a list of indices, or ``None`` for all of it). Per-sample
+            selection (a model with one output): a ``(batch, k)`` integer array whose row ``i``
+            holds sample ``i``'s flat output indices, giving ``(batch, k, *input_shape)`` with
+            ``J[i, j] = ∂y[i, outputs[i, j]]/∂x[i]`` (what ``top_k`` does with its own indices;
+            attribution methods use it to follow each sample's class through noisy copies).
         top_k: per sample, the Jacobians of the ``k`` largest outputs (classifiers); returns a
             :class:`TopKJacobian` ``(jacobian, indices, values)``.
         training: ``False`` (default): the model as it predicts (Dropout off, BatchNorm on its moving
@@ -184,6 +188,8 @@ def symbolic_jacobian(run: Run):
         values, idx = B.top_k(target.flat_output(state, xs), sel.top_k)
         rows = B.cast(idx, "int32")
         topk = (idx, values)
+    elif sel.per_sample is not None:
+        rows = B.convert(np.ascontiguousarray(sel.per_sample), "int32")
     else:
         rows = B.rows_for_batch(sel.rows, xs[0])
     if run.strategy == "forward":

@@ -15,7 +15,7 @@ from augnet._engine import auto, memory
 from augnet._engine.run import Run
 from augnet._engine.selection import select
 from augnet._engine.target import cache_for, floatx_name, infer_outputs, prepare_target
-from augnet._errors import invalid_value
+from augnet._errors import format_shape, invalid_value
 
 logger = logging.getLogger(__name__)
 
@@ -47,6 +47,11 @@ def setup(
     infer_outputs(target, tensors)
     selection = select(target, outputs, top_k)
     n_samples = int(tensors[0].shape[0]) if tensors[0].shape[0] is not None else 1
+    if selection.per_sample is not None and len(selection.per_sample) != n_samples:
+        raise ValueError(
+            f"Per-sample `outputs` has shape {format_shape(selection.per_sample.shape)}: one row "
+            f"per sample is expected, ({n_samples}, k) for a batch of {n_samples}."
+        )
     if strategy == "auto":
         strategy = auto.auto_strategy(
             target, tensors, selection, training, n_samples, batch_size, chunk_size, max_memory

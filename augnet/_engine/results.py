@@ -26,7 +26,8 @@ class JacobianChunk(NamedTuple):
 
     Attributes:
         samples: the slice of the batch this block covers.
-        outputs: flat output indices of the block's rows: ``(c,)``, or ``(b, c)`` with ``top_k``.
+        outputs: flat output indices of the block's rows: ``(c,)``, or ``(b, c)`` per sample
+            with ``top_k`` or per-sample ``outputs``.
         values: ``(b, c, *input_shape)`` (the input structure for several inputs).
         columns: where the block's rows go among the selected outputs: the full Jacobian's
             ``[samples, columns]`` (``(batch, m, *input_shape)`` with ``m`` selected outputs).

@@ -53,11 +53,13 @@ def iter_blocks(run: Run) -> Iterator[tuple[slice, slice, np.ndarray, list]]:
             preds = B.to_numpy(predict(state, xs))
             order = np.argsort(-preds, axis=1, kind="stable")[:, : sel.top_k]
             rows_all = order.astype(np.int64)  # (b, k)
+        elif sel.per_sample is not None:
+            rows_all = sel.per_sample[s0:s1]  # (b, k)
         else:
             rows_all = np.broadcast_to(sel.rows, (b, len(sel.rows)))
         if kind == "forward":
             all_outputs = sel.full  # (never with top_k)
-            sel_t = memo(run, ("rows", b), lambda r=rows_all: r, fixed=sel.top_k is None)
+            sel_t = memo(run, ("rows", b), lambda r=rows_all: r, fixed=sel.rows is not None)
             values = []
             for i, (n_i, shape) in enumerate(zip(target.in_sizes, target.in_shapes)):
                 fwd = blocks.compiled(
@@ -75,7 +77,7 @@ def iter_blocks(run: Run) -> Iterator[tuple[slice, slice, np.ndarray, list]]:
                     cols = memo(run, ("cols", c0, c1), lambda c0=c0, c1=c1: np.arange(c0, c1))
                     flat[:, :, c0:c1] = B.to_numpy(fwd(state, xs, cols, sel_t))
                 values.append(value)
-            outs = rows_all if sel.top_k is not None else sel.rows
+            outs = rows_all if sel.rows is None else sel.rows
             yield slice(s0, s1), slice(0, sel.size), outs, values
         else:
             for c0 in range(0, sel.size, run.chunk_size):
@@ -84,17 +86,18 @@ def iter_blocks(run: Run) -> Iterator[tuple[slice, slice, np.ndarray, list]]:
                     run,
                     ("rows", b, c0, c1),
                     lambda r=rows_all, c0=c0, c1=c1: r[:, c0:c1],
-                    fixed=sel.top_k is None,
+                    fixed=sel.rows is not None,
                 )
                 width = c1 - c0 if kind == "loop" else None  # the loop is unrolled: static width
                 rev = blocks.compiled(target, kind, run.training, run.jit_compile, extra=width)
-                outs = rows_all[:, c0:c1] if sel.top_k is not None else sel.rows[c0:c1]
+                outs = rows_all[:, c0:c1] if sel.rows is None else sel.rows[c0:c1]
                 yield slice(s0, s1), slice(c0, c1), outs, values_to_numpy(rev(state, xs, chunk))
 
 
 def memo(run: Run, key, make, fixed: bool = True):
     """``make()`` as an int32 tensor, remembered in the prepared call when ``fixed`` (the same on
-    every call with these options: seeds and columns, not top_k's per-sample rows)."""
+    every call with these options: seeds and columns, not per-sample rows (top_k's, or per-sample
+    ``outputs``))."""
     value = run.memo.get(key) if fixed else None
     if value is None:
         value = B.convert(np.ascontiguousarray(make()), "int32")
