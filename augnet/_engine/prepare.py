@@ -13,6 +13,7 @@ from augnet import _backend as B
 from augnet import _derivatives as D
 from augnet._engine import auto, memory
 from augnet._engine.checks import check_finite
+from augnet._engine.logits import maybe_logits
 from augnet._engine.run import Run
 from augnet._engine.selection import select
 from augnet._engine.target import cache_for, floatx_name, infer_outputs, prepare_target
@@ -121,6 +122,7 @@ def resolve_strategy(
     max_memory=None,
     jit_compile: bool = False,
     derivatives=None,
+    logits: bool = False,
 ) -> str:
     """The strategy a call with these arguments runs, by name: ``"auto"`` resolved (by rule, or by
     timing the candidates on ``x``), and ``"loop_xla"`` for the loop compiled with XLA.
@@ -129,7 +131,7 @@ def resolve_strategy(
     batch of the run, so that a run (and its ``--resume``) uses one strategy throughout.
     """
     run = setup(
-        fn,
+        maybe_logits(fn, logits),
         x,
         outputs,
         top_k,

@@ -18,6 +18,7 @@ from augnet import _backend as B
 from augnet import _derivatives as D
 from augnet._engine import blocks
 from augnet._engine.checks import as_batch_leaf, check_finite, check_real, check_x_kind
+from augnet._engine.logits import maybe_logits
 from augnet._engine.memory import check_result_size
 from augnet._engine.target import Target, cache_for, floatx_name, infer_outputs, prepare_target
 from augnet._errors import format_shape
@@ -129,7 +130,7 @@ def _flat_rows(leaves: list, batch: int, dtype, symbolic: bool):
     return B.convert(np.ascontiguousarray(flat, dtype=dtype), dtype)
 
 
-def vjp(model, x, cotangent, *, training: bool = False, derivatives=None):
+def vjp(model, x, cotangent, *, training: bool = False, derivatives=None, logits: bool = False):
     """Per-sample vector-Jacobian products ``uᵀ·∂y/∂x`` (one backward pass).
 
     Args:
@@ -139,6 +140,8 @@ def vjp(model, x, cotangent, *, training: bool = False, derivatives=None):
             one array per output.
         training: the forward pass's mode (see ``augnet.jacobian``).
         derivatives: ``{LayerClass: rule}`` custom derivative rules for this call.
+        logits: the product for the scores before the model's final softmax/sigmoid (see
+            ``augnet.jacobian``); ``cotangent`` is then shaped like them (the same shape).
 
     Returns:
         ``(batch, *input_shape)`` shaped like ``x`` (the same list/dict structure): sample ``b`` is
@@ -149,6 +152,7 @@ def vjp(model, x, cotangent, *, training: bool = False, derivatives=None):
         >>> g.shape == x.shape                                      # doctest: +SKIP
         True
     """
+    model = maybe_logits(model, logits)
     target, tensors = prepared_target(model, x, training, derivatives)
     _check_product_argument(cotangent, "cotangent")
     batch = int(tensors[0].shape[0])
@@ -172,7 +176,7 @@ def vjp(model, x, cotangent, *, training: bool = False, derivatives=None):
     return unflatten(grads, target.in_structure)
 
 
-def jvp(model, x, tangent, *, training: bool = False, derivatives=None):
+def jvp(model, x, tangent, *, training: bool = False, derivatives=None, logits: bool = False):
     """Per-sample Jacobian-vector products ``∂y/∂x · v`` (forward mode).
 
     Args:
@@ -184,11 +188,14 @@ def jvp(model, x, tangent, *, training: bool = False, derivatives=None):
             mode (the double-VJP trick), as no framework runs a custom derivative in forward mode;
             so it is where the backend's forward mode does not support the model (TensorFlow:
             recurrent layers, ``training=True``).
+        logits: the product for the scores before the model's final softmax/sigmoid (see
+            ``augnet.jacobian``).
 
     Returns:
         ``(batch, *output_shape)`` shaped like the outputs (a list/dict for several outputs):
         sample ``b`` is ``∂y[b]/∂x[b] · v[b]``. NumPy arrays (tensors inside ``tf.function``).
     """
+    model = maybe_logits(model, logits)
     target, tensors = prepared_target(model, x, training, derivatives)
     _check_product_argument(tangent, "tangent")
     batch = int(tensors[0].shape[0])
