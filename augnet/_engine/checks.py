@@ -256,7 +256,9 @@ def nonzero_samples(values: list, n: int) -> np.ndarray:
     (arrays ``(n, ...)``, or lists of per-column arrays ``(n, ...)``). Looks at each sample's
     first elements first, and at the rest only for samples still all zero there: a few
     microseconds for a typical result, whatever its size."""
-    parts = [np.asarray(p).reshape(n, -1) for v in values for p in (v if isinstance(v, list) else [v])]
+    parts = [
+        np.asarray(p).reshape(n, -1) for v in values for p in (v if isinstance(v, list) else [v])
+    ]
     found = None
     for flat in parts:
         head = flat[:, :_HEAD].any(axis=1)

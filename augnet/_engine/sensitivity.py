@@ -125,6 +125,14 @@ def prepare(model, x, wrt: str, *, training: bool = False, derivatives=None, sou
     ``source``: the model ``wrt`` names a layer of, when ``model`` is a view of it sharing its
     layers (``logits=True``)."""
     layer = find_layer(source if source is not None else model, wrt)
+    if source is not None and any(
+        getattr(sub, "inner", None) is layer for sub in D.all_layers(model)
+    ):
+        raise ValueError(
+            f"wrt={wrt!r} names the layer whose softmax/sigmoid logits=True removes; with "
+            "logits=True its activation is the model's output itself. Pass an earlier layer, or "
+            "logits=False."
+        )
     check_x_kind(x)
     x_leaves, x_structure = flatten(x)
     x_tensors = [
