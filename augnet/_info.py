@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import math
+import warnings
 from typing import Any
 
 INFO_TOP_OUTPUTS = 20  # outputs listed by `info --sample`, largest gradient first
@@ -187,7 +188,9 @@ def sensitivity_lines(
     J = J.reshape(1, *out_shape, *J.shape[2:]) if out_shape else J
     norms = _analysis.jacobian_norms(J, output_ndim=len(out_shape))
     radius = 0.01 * float(np.max(np.abs(x)) or 1.0)
-    lipschitz = _analysis.local_lipschitz(model, x, radius=radius, n_samples=4)
+    with warnings.catch_warnings():  # (said once above, if at all)
+        warnings.simplefilter("ignore", augnet.ZeroJacobianWarning)
+        lipschitz = _analysis.local_lipschitz(model, x, radius=radius, n_samples=4)
     where = f"{items[0].path}{'' if items[0].row is None else f' (row {items[0].row})'}"
     lines = [
         f"sensitivity at {where}"
