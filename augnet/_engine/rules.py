@@ -283,10 +283,6 @@ def cut_outputs(run: Callable, xs: list) -> list[int]:
     return sorted(cut)
 
 
-def _output_dtypes(run: Callable, xs: list) -> list[str]:
-    return [B.dtype_name(t.dtype) for t in B.nest_flatten(run(xs))]
-
-
 def check_gradient_paths(model, run: Callable, xs: list, derivatives=None) -> None:
     """Raises ``augnet.GradientPathError`` when a gradient path of ``model`` is cut.
 
