@@ -62,7 +62,11 @@ def bench_paths(models) -> list[str]:
     from augnet import _backend as B
     from augnet._engine import rules, target
 
-    lines = ["| model | first call (check runs) | repeated call (cached) |", "|---|---|---|"]
+    lines = [
+        "| model | first call (check runs) | of which: layers and ops | outputs | repeated call "
+        "(cached) |",
+        "|---|---|---|---|---|",
+    ]
     for name, (model, x) in models.items():
         tensors = [B.convert(x, "float32")]
         call = target.make_call(model, False, None, True)
@@ -75,7 +79,13 @@ def bench_paths(models) -> list[str]:
         rules.check_gradient_paths(model, run, tensors)
         first = time.perf_counter() - t0
         again = _best(lambda m=model, r=run, t=tensors: rules.check_gradient_paths(m, r, t))
-        lines.append(f"| {name} | {first * 1e3:.1f} ms | {again * 1e6:.1f} µs |")
+        probe = [t[:1] for t in tensors]
+        parts = _best(lambda m=model, r=run, p=probe: rules.find_blocking(m, r, p), 2)
+        outputs = _best(lambda r=run, p=probe: rules.cut_outputs(r, p), 2)
+        lines.append(
+            f"| {name} | {first * 1e3:.1f} ms | {parts * 1e3:.1f} ms | {outputs * 1e3:.1f} ms | "
+            f"{again * 1e6:.1f} µs |"
+        )
     return lines
 
 

@@ -88,7 +88,8 @@ def jacobian(
 
     Raises:
         ValueError: a missing batch axis, a wrong shape or number of inputs, an output index out
-            of range, an invalid option, a non-finite input (naming the sample).
+            of range, an invalid option, a non-finite input (naming the sample; values are
+            checked on eager calls, not while a caller's ``tf.function`` traces).
         TypeError: a non-numeric or complex input, something that is not one batch of arrays (a
             data set, a generator: iterate and call per batch), or an integer model input (not
             differentiable).
