@@ -22,8 +22,10 @@ sharing its layers) followed by the stripped heads.
 from __future__ import annotations
 
 import keras
+import numpy as np
 
 from augnet._engine.target import cache_for, is_keras_layer, symbolic_io
+from augnet._errors import invalid_value
 from augnet._structure import DICT, flatten, unflatten
 
 STRIPPED = ("softmax", "sigmoid")  # final activations that logits=True removes
@@ -195,8 +197,6 @@ def logits_view(model):
 
 def maybe_logits(fn, logits):
     """``fn`` itself, or (``logits=True``) its :func:`logits_view`."""
-    if not isinstance(logits, bool):
-        from augnet._errors import invalid_value
-
+    if not isinstance(logits, bool | np.bool_):
         raise TypeError(invalid_value("logits", logits, "True or False"))
     return logits_view(fn) if logits else fn
