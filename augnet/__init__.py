@@ -18,6 +18,9 @@ _EXPORTS = {
     "JacobianChunk": "augnet._engine",
     "TopKJacobian": "augnet._engine",
     "STRATEGIES": "augnet._engine",
+    # the engine's warning and error for issue 9 (all-zero Jacobians, results too large)
+    "ZeroJacobianWarning": "augnet._engine",
+    "ResultTooLargeError": "augnet._engine",
     # the model
     "AugNet": "augnet._model",
     "load_model": "augnet._model",

@@ -97,6 +97,7 @@ def layer_jacobians(model, x, *, derivatives=None, **engine_kwargs) -> dict:
         ValueError: the model is not a chain (see :func:`chain_layers`).
     """
     layers = chain_layers(model)
+    _check_layer_jacobians_size(layers, x)
     # Per-layer Jacobians are many small jobs: the reverse loop, unless told otherwise, rather
     # than timing every strategy for every layer.
     engine_kwargs.setdefault("strategy", "loop")
@@ -106,6 +107,23 @@ def layer_jacobians(model, x, *, derivatives=None, **engine_kwargs) -> dict:
         out[layer.name] = _engine.jacobian(layer, a, derivatives=derivatives, **engine_kwargs)
         a = keras.ops.convert_to_numpy(layer(keras.ops.convert_to_tensor(a), training=False))
     return out
+
+
+def _check_layer_jacobians_size(layers: list, x) -> None:
+    """All the layers' Jacobians together against the memory available, before any work."""
+    from augnet._engine.memory import check_result_size
+
+    batch = int(np.shape(x)[0]) if np.ndim(x) else 0
+    total = 0
+    for layer in layers:
+        try:
+            n_in = np.prod([int(d) for d in layer.input.shape[1:]], dtype=np.int64)
+            n_out = np.prod([int(d) for d in layer.output.shape[1:]], dtype=np.int64)
+        except (AttributeError, TypeError, ValueError):
+            return  # a shape not known before running: each layer's own call checks itself
+        total += batch * int(n_in) * int(n_out)
+    dtype = x.dtype if isinstance(x, np.ndarray) and x.dtype.kind == "f" else keras.config.floatx()
+    check_result_size(total, dtype, "augnet.layer_jacobians", f"{len(layers)} layers")
 
 
 def intermediate_model(model, layer_name: str) -> keras.Model:

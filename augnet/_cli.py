@@ -382,6 +382,20 @@ def _input_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _logits_parser() -> argparse.ArgumentParser:
+    """``--logits`` (``jacobian`` and ``info --sample``): what is differentiated."""
+    p = _Parser(add_help=False)
+    g = p.add_argument_group("what is differentiated")
+    g.add_argument(
+        "--logits",
+        action="store_true",
+        help="the Jacobian of the scores before the model's final softmax or sigmoid (its "
+        "logits) instead of the probabilities, whose derivative vanishes where the model is sure; "
+        "the model file is not changed",
+    )
+    return p
+
+
 def _model_parser() -> argparse.ArgumentParser:
     p = _Parser(add_help=False)
     p.add_argument(
@@ -417,7 +431,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     info = sub.add_parser(
         "info",
-        parents=[common, _model_parser()],
+        parents=[common, _model_parser(), _logits_parser()],
         help="inputs, outputs, shapes, parameters and differentiability of a model",
         description="Describe a saved model (.keras, .h5 or SavedModel folder): inputs, outputs, "
         "shapes, dtypes, layer and parameter counts, and whether every layer is differentiable "
@@ -435,7 +449,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     jac = sub.add_parser(
         "jacobian",
-        parents=[common, _model_parser(), _input_parser(), _job_parser()],
+        parents=[common, _model_parser(), _input_parser(), _job_parser(), _logits_parser()],
         help="saliency maps, contact sheets and raw Jacobians for images or arrays",
         description="Compute the exact Jacobian d outputs / d input of MODEL for every INPUT "
         "and write, per input, one saliency PNG per selected output and a contact sheet "
@@ -586,10 +600,13 @@ def cmd_info(args: argparse.Namespace) -> int:
     """``augnet info``: the model's description, then (``--sample``) its sensitivity there."""
     from augnet import _info
 
+    logits = bool(getattr(args, "logits", False))
+    if logits and not getattr(args, "sample", None):
+        raise UsageError("--logits applies to the sensitivity at an input: pass --sample INPUT")
     model = load_model(args.model, unsafe=args.unsafe, debug=args.debug)
     print("\n".join(_info.describe(model, args.model)), flush=True)
     if getattr(args, "sample", None):
-        print("\n".join(_info.sensitivity_lines(model, args.sample)))
+        print("\n".join(_info.sensitivity_lines(model, args.sample, logits=logits)))
     return 0
 
 
@@ -630,6 +647,7 @@ def run_options(args: argparse.Namespace, *, command: str = "jacobian"):
         unsafe=bool(getattr(args, "unsafe", False)),
         command=command,
         command_line=" ".join([PROG, *(sys.argv[1:] if sys.argv else [])])[:300],
+        logits=bool(getattr(args, "logits", False)),
     )
 
 

@@ -15,6 +15,7 @@ import logging
 import math
 import os
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -37,7 +38,7 @@ def load_model(path: str | os.PathLike[str], *, unsafe: bool = False):
     return augnet.load_model(path, safe_mode=not unsafe)
 
 
-def resolve_strategy_for_x(model, x, *, outputs, top_k, max_memory) -> str:
+def resolve_strategy_for_x(model, x, *, outputs, top_k, max_memory, logits=False) -> str:
     """The strategy ``strategy="auto"`` picks for batch ``x`` (by rule, or by timing the
     candidates).
 
@@ -48,7 +49,13 @@ def resolve_strategy_for_x(model, x, *, outputs, top_k, max_memory) -> str:
     from augnet import _engine
 
     return _engine.resolve_strategy(
-        model, x, outputs=outputs, top_k=top_k, training=False, max_memory=max_memory
+        model,
+        x,
+        outputs=outputs,
+        top_k=top_k,
+        training=False,
+        max_memory=max_memory,
+        logits=logits,
     )
 
 
@@ -61,7 +68,12 @@ def resolve_strategy(model, batch: Batch, config: BatchConfig) -> str:
     x, _ = _imageio.load_batch(batch.items, config.input_shape, config.spec, payload=batch.payload)
     outputs = list(config.outputs) if config.outputs is not None else None
     return resolve_strategy_for_x(
-        model, x, outputs=outputs, top_k=config.top_k, max_memory=config.max_memory
+        model,
+        x,
+        outputs=outputs,
+        top_k=config.top_k,
+        max_memory=config.max_memory,
+        logits=config.logits,
     )
 
 
@@ -133,13 +145,16 @@ def _jacobian(model, x, config: BatchConfig, on_progress, check_stop, weight: fl
     jac = np.empty((b, config.k, *x.shape[1:]), dtype=np.float32)
     idx = np.empty((b, config.k), dtype=np.int64)
     total = b * config.k
-    for chunk in augnet.iter_jacobian(
-        model,
-        x,
-        outputs=list(config.outputs) if config.outputs is not None else None,
-        top_k=config.top_k,
-        max_memory=config.max_memory,
-        strategy=config.strategy or "auto",
+    for chunk in without_zero_warning(
+        augnet.iter_jacobian(
+            model,
+            x,
+            outputs=list(config.outputs) if config.outputs is not None else None,
+            top_k=config.top_k,
+            max_memory=config.max_memory,
+            strategy=config.strategy or "auto",
+            logits=config.logits,
+        )
     ):
         s, c = chunk.samples, chunk.columns
         values = np.asarray(chunk.values)
@@ -149,7 +164,38 @@ def _jacobian(model, x, config: BatchConfig, on_progress, check_stop, weight: fl
             on_progress(weight * values.shape[0] * values.shape[1] / total * b)
         if check_stop is not None:
             check_stop()
+    warn_all_zero(jac, config.logits)
     return preds, idx, jac
+
+
+ZERO_WARNING = (
+    "the Jacobian of some inputs is exactly zero everywhere (jacobian_l2 0 in summary.jsonl): "
+    "a saturated softmax or sigmoid gives exactly 0.0 in float32; try --logits (the scores "
+    "before it), and check that --preprocess gives the range the model was trained on (e.g. "
+    "0-255 pixels fed to a model trained on [0, 1]: --preprocess unit)"
+)
+ZERO_WARNING_LOGITS = (
+    "the Jacobian of some inputs is exactly zero everywhere (jacobian_l2 0 in summary.jsonl), "
+    "even of the scores before the final activation (--logits): check that --preprocess gives "
+    "the range the model was trained on, and that the model's layers are active there"
+)
+
+
+def without_zero_warning(chunks):
+    """The engine's blocks with its all-zero warning held back: a run says it once, as one line
+    (:func:`warn_all_zero`)."""
+    import augnet
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", augnet.ZeroJacobianWarning)
+        yield from chunks
+
+
+def warn_all_zero(jac, logits: bool) -> None:
+    """One warning line (the command line prints each once per run) when an input's whole
+    Jacobian is exactly zero."""
+    if len(jac) and not jac.reshape(len(jac), -1).any(axis=1).all():
+        logger.warning(ZERO_WARNING_LOGITS if logits else ZERO_WARNING)
 
 
 def render_input(
@@ -252,7 +298,12 @@ def compute_batch(
     if config.strategy is None or config.strategy == "auto":  # the run's first batch
         outputs = list(config.outputs) if config.outputs is not None else None
         strategy = resolve_strategy_for_x(
-            model, x, outputs=outputs, top_k=config.top_k, max_memory=config.max_memory
+            model,
+            x,
+            outputs=outputs,
+            top_k=config.top_k,
+            max_memory=config.max_memory,
+            logits=config.logits,
         )
         config = dataclasses.replace(config, strategy=strategy)
     weight = 0.5 if config.pictures else 1.0

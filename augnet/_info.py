@@ -5,7 +5,9 @@ Used by the command line (augnet._cli) once the model is loaded; TensorFlow is i
 
 from __future__ import annotations
 
+import logging
 import math
+import warnings
 from typing import Any
 
 INFO_TOP_OUTPUTS = 20  # outputs listed by `info --sample`, largest gradient first
@@ -78,7 +80,9 @@ def differentiability_report(model) -> dict[str, Any]:
     if float_inputs and len(float_inputs) == len(inputs):
         try:
             probe_tensors, owners = [], []
-            for layer in model.layers:
+            # Every operation of a functional graph: layers, and keras.ops between them (a
+            # keras.ops.round is named like a layer, as the engine's GradientPathError does).
+            for layer in getattr(model, "operations", None) or model.layers:
                 for node in getattr(layer, "_inbound_nodes", []):
                     for t in node.output_tensors:
                         probe_tensors.append(t)
@@ -130,20 +134,26 @@ def _shape_text(shape) -> str:
     return str(tuple(None if d is None else int(d) for d in shape))
 
 
-def sensitivity_lines(model, sample: str, *, quiet: bool = False) -> list[str]:
+def sensitivity_lines(
+    model, sample: str, *, quiet: bool = False, logits: bool = False
+) -> list[str]:
     """The sensitivity summary of ``augnet info --sample``: Jacobian norms at one input.
 
     The Jacobian is streamed block by block (``augnet.iter_jacobian``) with a progress line on
     stderr, so that a 1000-class model shows progress instead of silence; the outputs listed are
     the ``INFO_TOP_OUTPUTS`` with the largest gradient (L2), with the model's value for each.
+    ``logits``: of the scores before the final softmax/sigmoid (and their values).
     """
     import numpy as np
 
     import augnet
-    from augnet import _analysis, _imageio, _runner
+    from augnet import _analysis, _engine, _imageio, _runner
+    from augnet._compute import without_zero_warning
     from augnet._progress import Progress
 
     in_shape, _, out_shape = _runner.single_io(model)
+    if logits:  # the scores before the final softmax/sigmoid: a view sharing the weights
+        model = _engine.logits_view(model)
     items = _imageio.expand_inputs([sample], array_input_shape=in_shape)
     try:
         spec = _imageio.ImageSpec.from_input_shape(in_shape)
@@ -157,20 +167,35 @@ def sensitivity_lines(model, sample: str, *, quiet: bool = False) -> list[str]:
         _runner.StopFlag() as stop,
         Progress(n_out, enabled=not quiet, unit="outputs", tick=0.5) as bar,
     ):
-        for chunk in augnet.iter_jacobian(model, x):
+        for chunk in without_zero_warning(augnet.iter_jacobian(model, x)):  # said as one line
             values = np.asarray(chunk.values)
             if J is None:
                 J = np.empty((1, n_out, *values.shape[2:]), dtype=values.dtype)
             J[chunk.samples, chunk.columns] = values
             bar.update(values.shape[1])
             stop.check()
+    if not J.any():
+        logging.getLogger(__name__).warning(
+            "the Jacobian at the sample is exactly zero everywhere: "
+            + (
+                "check the input's range (images are scaled as by 'augnet jacobian' with its "
+                "defaults, to [0, 1])"
+                if logits
+                else "a saturated softmax or sigmoid gives exactly 0.0 in float32; try --logits, "
+                "and check the input's range (images are scaled to [0, 1] by default)"
+            )
+        )
     J = J.reshape(1, *out_shape, *J.shape[2:]) if out_shape else J
     norms = _analysis.jacobian_norms(J, output_ndim=len(out_shape))
     radius = 0.01 * float(np.max(np.abs(x)) or 1.0)
-    lipschitz = _analysis.local_lipschitz(model, x, radius=radius, n_samples=4)
+    with warnings.catch_warnings():  # (said once above, if at all)
+        warnings.simplefilter("ignore", augnet.ZeroJacobianWarning)
+        lipschitz = _analysis.local_lipschitz(model, x, radius=radius, n_samples=4)
     where = f"{items[0].path}{'' if items[0].row is None else f' (row {items[0].row})'}"
     lines = [
-        f"sensitivity at {where}:",
+        f"sensitivity at {where}"
+        + (" (of the scores before the final softmax/sigmoid: --logits)" if logits else "")
+        + ":",
         f"  Jacobian {tuple(J.shape[1:])}: Frobenius norm {norms.frobenius[0]:.4g}, "
         f"spectral norm {norms.spectral[0]:.4g}",
         f"  local Lipschitz estimate (lower bound, 4 points within radius {radius:.3g}): "

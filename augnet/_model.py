@@ -57,6 +57,7 @@ class AugNet(keras.Model):
         jit_compile: bool = False,
         derivatives=None,
         wrt: str | None = None,
+        logits: bool = False,
     ):
         """The exact per-sample Jacobian of the model's outputs with respect to its inputs.
 
@@ -75,6 +76,8 @@ class AugNet(keras.Model):
                 ``augnet.register_derivative``).
             wrt: a layer name: the Jacobian with respect to that layer's output activation,
                 ``(batch, *output_shape, *activation_shape)``, instead of the inputs.
+            logits: the Jacobian of the scores before the final softmax/sigmoid instead of the
+                probabilities (the model is not changed; see ``augnet.jacobian``).
 
         Returns:
             ``(batch, *output_shape, *input_shape)`` (``(batch, k, *input_shape)`` with a
@@ -99,6 +102,7 @@ class AugNet(keras.Model):
             jit_compile=jit_compile,
             derivatives=derivatives,
             wrt=wrt,
+            logits=logits,
         )
 
     def attribute(self, x, method: str = "gradient", **options):

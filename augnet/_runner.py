@@ -96,6 +96,8 @@ class RunOptions:
         unsafe: allow code in the model file (Lambda layers, SavedModel graphs).
         command: ``"jacobian"`` or ``"demo"`` (kept in run.json).
         command_line: shown to another run that finds the folder locked.
+        logits: the Jacobian of the scores before the model's final softmax/sigmoid
+            (``augnet.jacobian(..., logits=True)``); recorded in run.json when set.
     """
 
     model: str | None
@@ -125,6 +127,7 @@ class RunOptions:
     unsafe: bool = False
     command: str = "jacobian"
     command_line: str = ""
+    logits: bool = False
 
 
 @dataclass(frozen=True)
@@ -142,6 +145,7 @@ class BatchConfig:
         max_memory: the engine's budget for one pass (bytes) or ``None``.
         formats, contact_sheet, mode, cmap, percentile, reduce, overlay, alpha, scale, colorbar:
             as in :class:`RunOptions`.
+        logits: Jacobians of the scores before the final softmax/sigmoid.
     """
 
     input_shape: tuple[int, ...]
@@ -162,6 +166,7 @@ class BatchConfig:
     alpha: float
     scale: str
     colorbar: bool
+    logits: bool = False
 
     @property
     def pictures(self) -> bool:
@@ -411,6 +416,10 @@ def plan_run(
             raise TypeError("plan_run needs `model` or `load`")
         model = load(options)
     in_shape, _, out_shape = single_io(model)
+    if options.logits:  # a model without a final softmax/sigmoid: refused before any work
+        from augnet._engine import logits_view
+
+        logits_view(model)
     n_outputs = math.prod(out_shape) if out_shape else 1
     outputs, top_k = select_outputs(options.outputs, options.top_k, n_outputs)
     k = len(outputs) if outputs is not None else top_k
@@ -482,6 +491,8 @@ def plan_run(
         "max_memory": options.max_memory,
         "strategy": options.strategy,
     }
+    if options.logits:  # only when set: earlier runs' folders (and the demo's) resume as they are
+        settings["logits"] = True
     root = _imageio.input_root(items)
     info = {
         "model_file": Path(options.model).name if options.model else None,
@@ -531,6 +542,7 @@ def plan_run(
             alpha=float(options.alpha),
             scale=options.scale,
             colorbar=bool(options.colorbar),
+            logits=bool(options.logits),
         )
     except BaseException:
         store.close()

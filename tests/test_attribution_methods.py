@@ -216,8 +216,12 @@ def test_ig_gap_shrinks_with_steps_gauss_legendre_fastest(smooth):
             float(np.abs(augnet.integrated_gradients(model, x, rule=rule, steps=n).delta).max())
             for n in (4, 8, 16, 32)
         ]
+    # Shrinks with every doubling until it reaches float64 roundoff, where the order of two
+    # gaps is the order of rounding errors (Gauss-Legendre is there by 16 steps: 1e-16 to 4e-16,
+    # in either order depending on the strategy and the order of the sums).
+    floor = 1e-14
     for rule, g in gaps.items():
-        assert all(a > b for a, b in zip(g, g[1:])), (rule, g)  # shrinks with every doubling
+        assert all(a > b or max(a, b) < floor for a, b in zip(g, g[1:])), (rule, g)
     # Riemann left/right: O(1/n); middle/trapezoid: O(1/n²); Gauss-Legendre: far faster.
     assert gaps["riemann_left"][-1] > 0.2 * gaps["riemann_left"][-2]
     assert gaps["riemann_middle"][-1] < 0.35 * gaps["riemann_middle"][-2]

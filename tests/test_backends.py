@@ -47,6 +47,11 @@ NUMERIC_SUITE = [
     "test_layer_jacobians.py",
     "test_analysis.py",
     "test_backward.py",
+    # issue 9's engine items
+    "test_gradient_paths.py",
+    "test_result_size.py",
+    "test_logits.py",
+    "test_engine_reuse.py",
 ]
 FRAMEWORK = {"tensorflow": "tensorflow", "jax": "jax", "torch": "torch"}
 SUBRUN = "AUGNET_TEST_BACKEND_SUBRUN"  # set in the subprocesses: no runs within runs

@@ -38,6 +38,31 @@ def recurrent_model():
     return keras.Sequential([keras.Input((3, 2)), L.LSTM(2), L.Dense(2)])
 
 
+@functools.cache
+def mlp():
+    """Input (None, 3) -> 2 outputs."""
+    return keras.Sequential([keras.Input((3,)), L.Dense(2)], name="mlp")
+
+
+class Subclassed(keras.Model):
+    def __init__(self):
+        super().__init__(name="subclassed")
+        self.dense = L.Dense(2, activation="softmax")
+
+    def call(self, x):
+        return self.dense(x)
+
+
+def _samples():
+    yield np.zeros((2, 3), "float32")
+
+
+def _with_inf(value, sample, element, dtype="float32"):
+    x = np.ones((2, 3), dtype)
+    x[sample, element] = value
+    return x
+
+
 IMAGE = np.zeros((256, 256, 1), "float32")
 BATCH = IMAGE[None]
 A, B2 = np.zeros((2, 3), "float32"), np.zeros((2, 2), "float32")
@@ -219,6 +244,180 @@ CASES = {
         ValueError,
         ["strategy='forward'", "training=True", "'loop' or 'pfor'"],
     ),
+    # issue 9: what is not one batch of arrays, with what to pass instead
+    "python-float-x": (
+        lambda: augnet.jacobian(mlp(), 3.0),
+        TypeError,
+        ["`x` is a Python float (3.0), not an array", "(batch, *input_shape)", "np.array([[3.0]])"],
+    ),
+    "python-int-x": (lambda: augnet.jacobian(mlp(), 3), TypeError, ["`x` is a Python int (3)"]),
+    "none-x": (lambda: augnet.jacobian(mlp(), None), TypeError, ["`x` is None", "batch axis"]),
+    "iter_jacobian-python-float-x": (
+        lambda: list(augnet.iter_jacobian(mlp(), 2.5)),
+        TypeError,
+        ["`x` is a Python float (2.5)"],
+    ),
+    "ragged-nested-list": (
+        lambda: augnet.jacobian(mlp(), [[1.0, 2.0, 3.0], [4.0, 5.0]]),
+        ValueError,
+        ["`x` is a ragged nested list", "lengths [3, 2]", "rectangular", "np.asarray(x"],
+    ),
+    "list-of-samples": (
+        lambda: augnet.jacobian(mlp(), [np.zeros(3, "float32"), np.ones(3, "float32")]),
+        ValueError,
+        [
+            "`x` is a list of 2 arrays of shape (3,), one sample each",
+            "np.stack(x) has shape (2, 3)",
+        ],
+    ),
+    "list-of-samples-of-different-shapes": (
+        lambda: augnet.jacobian(mlp(), [np.zeros(3, "float32"), np.ones(2, "float32")]),
+        ValueError,
+        ["`x` is a list of 2 arrays of different shapes (2,), (3,)", "np.stack(x)"],
+    ),
+    "object-array-x": (
+        lambda: augnet.jacobian(mlp(), np.array([np.zeros(3), np.zeros(2)], dtype=object)),
+        TypeError,
+        ["`x` is a NumPy array of Python objects", "different shapes (2,), (3,)", "np.stack"],
+    ),
+    "generator-x": (
+        lambda: augnet.jacobian(mlp(), _samples()),
+        TypeError,
+        [
+            "`x` is a generator, a stream of batches",
+            "for xb in data: J = augnet.jacobian(model, xb)",
+            "augnet jacobian MODEL INPUTS --out DIR",
+        ],
+    ),
+    "iterator-x": (
+        lambda: augnet.jacobian(mlp(), iter([np.zeros((2, 3), "float32")])),
+        TypeError,
+        ["`x` is an iterator (list_iterator), a stream of batches", "per batch"],
+    ),
+    "object-x": (
+        lambda: augnet.jacobian(mlp(), object()),
+        TypeError,
+        ["`x` is an object of type object, not an array"],
+    ),
+    "fn-is-a-class": (
+        lambda: augnet.jacobian(keras.Sequential, A),
+        TypeError,
+        ["`fn` is the class ", "Sequential, not a model", "pass the instance"],
+    ),
+    "callable-drops-the-batch-axis": (
+        lambda: augnet.jacobian(lambda x: keras.ops.sum(x), A),
+        ValueError,
+        [
+            "`fn` returned its output of shape () for a batch of 2 samples",
+            "first axis of every output must be the batch axis",
+            "keras.ops.sum(x, axis=-1, keepdims=True)",
+        ],
+    ),
+    "callable-sums-over-the-batch": (
+        lambda: augnet.jacobian(lambda x: keras.ops.sum(x, axis=0), A),
+        ValueError,
+        ["`fn` returned its output of shape (3,) for a batch of 2 samples"],
+    ),
+    # issue 9: complex and non-finite values
+    "complex-x": (
+        lambda: augnet.jacobian(mlp(), np.ones((2, 3), "complex64")),
+        TypeError,
+        ["`x` is complex (complex64)", "imaginary part", "np.real(x)"],
+    ),
+    "inf-x": (
+        lambda: augnet.jacobian(mlp(), _with_inf(np.inf, 1, 2)),
+        ValueError,
+        ["`x` holds a non-finite value (inf) at sample 1, element (2,)", "np.nan_to_num"],
+    ),
+    "nan-x": (
+        lambda: augnet.jacobian(mlp(), _with_inf(np.nan, 0, 1)),
+        ValueError,
+        ["`x` holds a non-finite value (nan) at sample 0, element (1,)"],
+    ),
+    "float64-too-large-for-float32": (
+        lambda: augnet.jacobian(mlp(), _with_inf(1e300, 1, 0, "float64")),
+        ValueError,
+        ["non-finite value (inf) at sample 1, element (0,), in float32"],
+    ),
+    # issue 9: vjp/jvp arguments
+    "jvp-tangent-None": (
+        lambda: augnet.jvp(mlp(), A, None),
+        TypeError,
+        ["`tangent` is None", "shaped like `x`", "np.ones_like(x)"],
+    ),
+    "vjp-cotangent-None": (
+        lambda: augnet.vjp(mlp(), A, None),
+        TypeError,
+        ["`cotangent` is None", "(batch, *output_shape)"],
+    ),
+    "jvp-tangent-python-float": (
+        lambda: augnet.jvp(mlp(), A, 1.0),
+        TypeError,
+        ["`tangent` is a Python float (1.0)"],
+    ),
+    "vjp-complex-cotangent": (
+        lambda: augnet.vjp(mlp(), A, np.ones((2, 2), "complex128")),
+        TypeError,
+        ["`cotangent` is complex (complex128)", "imaginary part"],
+    ),
+    "jvp-complex-tangent": (
+        lambda: augnet.jvp(mlp(), A, np.ones((2, 3), "complex64")),
+        TypeError,
+        ["`tangent` is complex (complex64)"],
+    ),
+    "jvp-inf-tangent": (
+        lambda: augnet.jvp(mlp(), A, _with_inf(np.inf, 1, 0)),
+        ValueError,
+        ["`tangent` holds a non-finite value (inf) at sample 1", "A product with a non-finite"],
+    ),
+    # issue 9: options
+    "bad-max_memory-inf": (
+        _image(max_memory=float("inf")),
+        ValueError,
+        ["invalid value for `max_memory`", "finite, positive", "max_memory=inf", "leave it out"],
+    ),
+    "bad-max_memory-nan": (_image(max_memory=float("nan")), ValueError, ["max_memory=nan"]),
+    "bad-jit_compile": (
+        _image(jit_compile="yes"),
+        TypeError,
+        ["invalid value for `jit_compile`", "True or False"],
+    ),
+    "logits-on-a-linear-model": (
+        lambda: augnet.jacobian(mlp(), A, logits=True),
+        ValueError,
+        ["logits=True", "model 'mlp' ends in Dense '", "activation 'linear'", "logits=False"],
+    ),
+    "logits-not-a-bool": (
+        lambda: augnet.jacobian(mlp(), A, logits="yes"),
+        TypeError,
+        ["invalid value for `logits`", "True or False"],
+    ),
+    "logits-on-a-callable": (
+        lambda: augnet.jacobian(lambda x: x * 2, A, logits=True),
+        TypeError,
+        ["logits=True needs a Keras model"],
+    ),
+    "logits-on-a-subclassed-model": (
+        lambda: augnet.jacobian(Subclassed(), A, logits=True),
+        TypeError,
+        ["logits=True needs a functional or Sequential model", "'subclassed'"],
+    ),
+    # TensorFlow's containers
+    "tf-data-Dataset": (
+        lambda: augnet.jacobian(mlp(), _tf().data.Dataset.from_tensor_slices(A).batch(2)),
+        TypeError,
+        ["`x` is a tf.data.Dataset, a stream of batches", "for xb, _ in data"],
+    ),
+    "tf-RaggedTensor": (
+        lambda: augnet.jacobian(mlp(), _tf().ragged.constant([[1.0, 2.0, 3.0], [4.0, 5.0]])),
+        TypeError,
+        ["`x` is a ragged tensor", "x.to_tensor()"],
+    ),
+    "tf-SparseTensor": (
+        lambda: augnet.jacobian(mlp(), _tf().sparse.from_dense(A)),
+        TypeError,
+        ["`x` is a sparse array", "tf.sparse.to_dense(x)"],
+    ),
     "forward-on-recurrent": (
         lambda: augnet.jacobian(
             recurrent_model(), np.zeros((1, 3, 2), "float32"), strategy="forward"
@@ -231,7 +430,19 @@ CASES = {
 
 # Limitations of TensorFlow's forward mode (B.FORWARD_TRAINING / B.FORWARD_RECURRENT are False):
 # other backends may support these combinations.
-TENSORFLOW_LIMITS = {"forward-with-training", "forward-on-recurrent"}
+TENSORFLOW_LIMITS = {
+    "forward-with-training",
+    "forward-on-recurrent",
+    "tf-data-Dataset",
+    "tf-RaggedTensor",
+    "tf-SparseTensor",
+}
+
+
+def _tf():
+    import tensorflow
+
+    return tensorflow
 
 
 @pytest.mark.parametrize(
@@ -258,7 +469,19 @@ def test_errors_come_before_any_work(monkeypatch):
         raise AssertionError("compiled before checking the arguments")
 
     monkeypatch.setattr(blocks, "compiled", no_compile)
-    for case in ("output-index-too-large", "bad-strategy", "missing-batch-axis", "top_k-zero"):
+    for case in (
+        "output-index-too-large",
+        "bad-strategy",
+        "missing-batch-axis",
+        "top_k-zero",
+        "python-float-x",
+        "generator-x",
+        "complex-x",
+        "inf-x",
+        "bad-max_memory-inf",
+        "logits-on-a-linear-model",
+        "callable-drops-the-batch-axis",
+    ):
         call, error, _ = CASES[case]
         with pytest.raises(error):
             call()
@@ -280,3 +503,25 @@ def test_jacobian_to_npy_several_inputs(tmp_path):
     with pytest.raises(ValueError, match=r"writes one array, but the model has 2 inputs"):
         augnet.jacobian_to_npy(two_input_model(), [A, B2], tmp_path / "J.npy")
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("strategy", ["loop", "pfor", "forward", "auto"])
+def test_non_finite_inputs_are_refused_by_every_strategy_and_on_repeated_calls(strategy):
+    """One behaviour for all strategies (they disagreed: finite in reverse mode, NaN forward),
+    also when a call of the same shape was planned before (the prepared call checks values)."""
+    model = keras.Sequential([keras.Input((3,)), L.Dense(4, activation="tanh"), L.Dense(2)])
+    J = augnet.jacobian(model, np.ones((2, 3), "float32"), strategy=strategy)
+    assert np.isfinite(J).all()
+    for value, text in ((np.inf, "inf"), (-np.inf, "-inf"), (np.nan, "nan")):
+        with pytest.raises(ValueError, match=rf"non-finite value \({text}\) at sample 1"):
+            augnet.jacobian(model, _with_inf(value, 1, 2), strategy=strategy)
+    with pytest.raises(ValueError, match=r"non-finite value \(inf\) at sample 0"):
+        augnet.vjp(model, _with_inf(np.inf, 0, 0), np.ones((2, 2), "float32"))
+
+
+def test_a_batch_written_as_nested_lists_is_one_array():
+    x = [[0.5, -1.0, 2.0], [1.5, 0.0, -0.5]]
+    np.testing.assert_array_equal(
+        augnet.jacobian(mlp(), x, strategy="loop"),
+        augnet.jacobian(mlp(), np.asarray(x, "float32"), strategy="loop"),
+    )

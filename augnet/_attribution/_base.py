@@ -655,10 +655,12 @@ def round_points(problem: Problem, total: int) -> int:
 
 def iter_jacobian(problem: Problem, points: list[np.ndarray], outputs):
     """``augnet.iter_jacobian`` on a stacked batch of points, with the problem's options (a
-    module-level function so that tests can count the engine calls)."""
-    import augnet
+    module-level function so that tests can count the engine calls), in the engine's column
+    form: each input's value is a list of per-output ``(b, *input_shape)`` arrays, views valid
+    until the next block (no copy of each block into a stacked array; folded at once)."""
+    from augnet._engine.stream import iter_jacobian_columns
 
-    return augnet.iter_jacobian(
+    return iter_jacobian_columns(
         problem.model,
         problem.wrap(points),
         outputs=outputs,
@@ -752,13 +754,16 @@ def _fold(problem, points, owners, copies, w_all, state) -> None:
         ends = np.r_[starts[1:], len(own)]
         for a, b in zip(starts, ends):
             u = own[a]
-            for i, v in enumerate(values):
-                block = v[a:b]
-                if moments:
-                    _merge_moments(mean[i], m2[i], count, u, cols, block, last=i == len(values) - 1)
-                else:
-                    w = w_all[copies[chunk.samples][a:b]].astype(block.dtype)
-                    total[i][u, cols] += np.tensordot(w, block, axes=1)
+            for i, columns in enumerate(values):  # per input: one (r, ...) array per column
+                for j, column in enumerate(columns):
+                    col = slice(cols.start + j, cols.start + j + 1)
+                    block = column[a:b, None]
+                    if moments:
+                        last = i == len(values) - 1
+                        _merge_moments(mean[i], m2[i], count, u, col, block, last=last)
+                    else:
+                        w = w_all[copies[chunk.samples][a:b]].astype(block.dtype)
+                        total[i][u, col] += np.tensordot(w, block, axes=1)
 
 
 def _merge_moments(mean, m2, count, u, cols, block, *, last: bool) -> None:

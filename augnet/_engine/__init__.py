@@ -35,14 +35,19 @@ Modules, in the order a call meets them:
 ============== =========================================================================
 ``api``         ``jacobian``: prepare, run the blocks, assemble ``J[out][in]``
 ``stream``      ``iter_jacobian``, ``jacobian_to_npy``: the same, block by block
-``prepare``     ``setup`` (checks, selection, strategy, plan), prepared-call cache,
-                ``resolve_strategy``
+``prepare``     ``setup`` (checks, selection, strategy, plan, the result's size),
+                prepared-call cache, ``resolve_strategy``
+``checks``      what ``x`` is (not a data set, ragged, complex, non-finite, ...); the
+                all-zero warning
+``logits``      ``logits=True``: a view of the model without its final softmax/sigmoid
 ``target``      input checks, the model as a pure function ``flat_output(state, xs)``,
                 output shapes; the per-callable cache
-``rules``       applying derivative rules to layers; the gradient-path check
+``rules``       applying derivative rules to layers; the gradient-path check (layers,
+                operations between layers, plain callables)
 ``selection``   which output rows (``outputs=``, ``top_k``, all)
 ``auto``        ``strategy="auto"``: rules and timed probes
-``memory``      the memory plan: samples and outputs per pass
+``memory``      the memory plan: samples and outputs per pass; the result against the
+                memory available
 ``blocks``      the compiled blocks per strategy (and for vjp/jvp), compiled once per
                 input signature
 ``pooling``     routed max pooling for the reverse loop (where the backend offers it)
@@ -59,13 +64,15 @@ from augnet._engine import prepare, target
 from augnet._engine.api import jacobian
 from augnet._engine.auto import auto_candidates
 from augnet._engine.blocks import trace_count
-from augnet._engine.memory import parse_memory
+from augnet._engine.checks import ZeroJacobianWarning
+from augnet._engine.logits import logits_view
+from augnet._engine.memory import ResultTooLargeError, available_memory, parse_memory
 from augnet._engine.prepare import STRATEGIES, resolve_strategy
 from augnet._engine.products import jvp, parameter_gradients, vjp
 from augnet._engine.results import JacobianChunk, TopKJacobian
 from augnet._engine.rules import apply_rules, check_gradient_paths
 from augnet._engine.sensitivity import find_layer
-from augnet._engine.stream import iter_jacobian, jacobian_to_npy
+from augnet._engine.stream import iter_jacobian, iter_jacobian_columns, jacobian_to_npy
 from augnet._engine.target import cache_for, floatx, is_keras_layer, symbolic_io
 
 # For code written against the single-module engine (branches merged after the split): the names
@@ -77,18 +84,23 @@ _infer_outputs = target.infer_outputs
 __all__ = [
     "STRATEGIES",
     "JacobianChunk",
+    "ResultTooLargeError",
     "TopKJacobian",
+    "ZeroJacobianWarning",
     "apply_rules",
     "auto_candidates",
+    "available_memory",
     "cache_for",
     "check_gradient_paths",
     "find_layer",
     "floatx",
     "is_keras_layer",
     "iter_jacobian",
+    "iter_jacobian_columns",
     "jacobian",
     "jacobian_to_npy",
     "jvp",
+    "logits_view",
     "parameter_gradients",
     "parse_memory",
     "resolve_strategy",

@@ -5,8 +5,9 @@ from __future__ import annotations
 import numpy as np
 
 from augnet import _backend as B
-from augnet._engine import blocks, prepare, sensitivity
+from augnet._engine import blocks, checks, prepare, sensitivity
 from augnet._engine import run as R
+from augnet._engine.logits import maybe_logits
 from augnet._engine.results import TopKJacobian
 from augnet._engine.run import Run
 from augnet._structure import unflatten
@@ -26,6 +27,7 @@ def jacobian(
     jit_compile: bool = False,
     derivatives=None,
     wrt=None,
+    logits: bool = False,
 ):
     """The exact per-sample Jacobian ∂fn(x)/∂x.
 
@@ -67,18 +69,34 @@ def jacobian(
             respect to that layer's output activation instead, ``(batch, *output_shape,
             *activation_shape)``: the activation is treated as a free variable, everything
             else (skip connections from earlier layers included) as fixed.
+        logits: ``True``: the Jacobian of the scores before the softmax or sigmoid that ends
+            the model (its "logits"), as saliency tools commonly show, instead of the
+            probabilities, whose derivative vanishes where the model is sure (exactly 0.0 in
+            float32 once it saturates). The model is not changed: augnet builds, once, a view
+            sharing its weights (a final ``Activation``/``Softmax`` layer, a layer with
+            ``activation="softmax"``/``"sigmoid"``, or a ``keras.ops.softmax``/``sigmoid``). A
+            functional or Sequential model only; a model that does not end in one is an error
+            naming its last layer.
 
     Returns:
         ``(batch, *output_shape, *input_shape)`` — a NumPy array when called eagerly, a tensor when
         traced inside ``tf.function``. With ``outputs=`` the output axes become ``(k,)``. For a
         model with several inputs or outputs, ``J[out][in]``: the outer list/dict follows the
         model's outputs, the inner one the inputs as given. Outputs that do not depend on an input
-        give zeros.
+        give zeros. A sample whose whole Jacobian is exactly zero gets a
+        ``augnet.ZeroJacobianWarning`` (see ``logits``).
 
     Raises:
         ValueError: a missing batch axis, a wrong shape or number of inputs, an output index out
-            of range, an invalid option.
-        TypeError: a non-numeric input, or an integer model input (not differentiable).
+            of range, an invalid option, a non-finite input (naming the sample; values are
+            checked on eager calls, not while a caller's ``tf.function`` traces).
+        TypeError: a non-numeric or complex input, something that is not one batch of arrays (a
+            data set, a generator: iterate and call per batch), or an integer model input (not
+            differentiable).
+        augnet.GradientPathError: a gradient path is cut (a layer or an operation without a
+            derivative), so the Jacobian would be silently zero.
+        augnet.ResultTooLargeError: the result does not fit in the memory available (checked
+            before any work; a ``MemoryError`` and a ``ValueError``).
 
     Example:
         >>> import numpy as np, keras, augnet
@@ -89,11 +107,14 @@ def jacobian(
         >>> np.allclose(J[0], model.layers[0].kernel.numpy().T)
         True
     """
+    source = fn
+    if logits is not False:
+        fn = maybe_logits(fn, logits)
     if wrt is not None:
         # The activation of layer `wrt` becomes an input of a function that runs the rest of the
         # model (derivative rules applied inside it): its Jacobian, trimmed to that input.
         g, inputs, finish = sensitivity.prepare(
-            fn, x, wrt, training=training, derivatives=derivatives
+            fn, x, wrt, training=training, derivatives=derivatives, source=source
         )
         J = jacobian(
             g,
@@ -129,6 +150,9 @@ def jacobian(
                 indices[samples, columns] = outs
     finally:
         restore()
+    nonzero = checks.nonzero_samples(results, n_samples)
+    if not nonzero.all():
+        checks.warn_all_zero(np.flatnonzero(~nonzero))
     return assemble(run, results, indices)
 
 

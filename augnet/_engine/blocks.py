@@ -166,6 +166,12 @@ def compiled(target: Target, kind: str, training: bool, jit_compile: bool, extra
 
 
 def trace_count(fn) -> int:
-    """How many times augnet traced (compiled) functions for ``fn`` — for tests and diagnostics."""
+    """How many times augnet traced (compiled) functions for ``fn`` — for tests and diagnostics;
+    with those of the callables the engine derived from it and keeps in its cache (the
+    ``logits=True`` view, ``wrt=``'s remainder of the model)."""
     cache = cache_for(fn)
-    return sum(f.trace_count() for f in cache.values() if hasattr(f, "trace_count"))
+    total = sum(f.trace_count() for f in cache.values() if hasattr(f, "trace_count"))
+    for key, value in list(cache.items()):
+        if key == "logits_view" or (isinstance(key, tuple) and key[:1] == ("wrt",)):
+            total += trace_count(value)
+    return total

@@ -8,6 +8,8 @@ estimated cost fits. Pure arithmetic on the target's sizes: no framework.
 from __future__ import annotations
 
 import logging
+import math
+import os
 import re
 
 import numpy as np
@@ -44,6 +46,17 @@ def parse_memory(value) -> int | None:
     if value is None:
         return None
     if isinstance(value, int | float | np.integer | np.floating) and not isinstance(value, bool):
+        if not math.isfinite(value):
+            raise ValueError(
+                invalid_value(
+                    "max_memory",
+                    value,
+                    "a finite, positive number of bytes or a string like '2GB'",
+                    "For no budget of your own, leave it out (max_memory=None: the engine's "
+                    f"default of {DEFAULT_MAX_MEMORY / 1024**3:.0f} GiB per pass); it bounds one "
+                    "pass's intermediates, never the result.",
+                )
+            )
         if value <= 0:
             raise ValueError(
                 invalid_value(
@@ -52,7 +65,7 @@ def parse_memory(value) -> int | None:
             )
         return int(value)
     if isinstance(value, str):
-        m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", value)
+        m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([a-zA-Z]*)\s*", value)
         if m and m.group(2).lower() in _UNITS and float(m.group(1)) > 0:
             return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
     raise ValueError(
@@ -118,3 +131,113 @@ def plan(target: Target, strategy: str, n_samples: int, m: int, batch_size, chun
             c,
         )
     return b, c
+
+
+# --------------------------------------------------------------------------------------------------
+# The result's size against the memory available, before any work
+# --------------------------------------------------------------------------------------------------
+
+CHECK_ABOVE = (
+    256 * 1024**2
+)  # results smaller than this are not checked (reading /proc costs ~30 µs)
+MARGIN = 0.1  # of the available memory left free (at least MIN_MARGIN)
+MIN_MARGIN = 256 * 1024**2
+
+
+class ResultTooLargeError(MemoryError, ValueError):
+    """A result that does not fit in the memory available, refused before any work (a
+    ``MemoryError``, and a ``ValueError`` like augnet's other argument errors)."""
+
+
+def _read_int(path: str) -> int | None:
+    try:
+        with open(path) as f:
+            text = f.read().strip()
+    except OSError:
+        return None
+    return int(text) if text.isdigit() else None
+
+
+def available_memory() -> int | None:
+    """Bytes of memory this process can still allocate: the system's available memory
+    (``MemAvailable``), or less where a control group limits the process (containers); ``None``
+    where neither can be read (the check is then skipped)."""
+    free = None
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    free = int(line.split()[1]) * 1024
+                    break
+    except (OSError, ValueError, IndexError):
+        free = None
+    if free is None:
+        try:
+            free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (ValueError, OSError, AttributeError):
+            free = None
+    for limit_file, usage_file in (
+        ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),  # cgroup v2
+        (
+            "/sys/fs/cgroup/memory/memory.limit_in_bytes",  # cgroup v1
+            "/sys/fs/cgroup/memory/memory.usage_in_bytes",
+        ),
+    ):
+        limit, used = _read_int(limit_file), _read_int(usage_file)
+        if limit is not None and used is not None and limit < 2**60:
+            room = max(0, limit - used)
+            free = room if free is None else min(free, room)
+            break
+    return free
+
+
+def _gb(n: float) -> str:
+    if n >= 1e8:
+        return f"{n / 1e9:.1f} GB"
+    return f"{n / 1e6:.1f} MB" if n >= 1e5 else f"{n / 1e3:.1f} kB"
+
+
+def check_result_size(elements: int, dtype, what: str, shapes: str | None, available=None) -> None:
+    """Refuses, before any work, a result of ``elements`` values of ``dtype`` that does not fit
+    in the memory available minus a margin (10%, at least 256 MiB).
+
+    Args:
+        elements: values in the whole result.
+        dtype: its dtype.
+        what: the function, for the message (``"augnet.jacobian"``).
+        shapes: the result's shape(s) as text, for the message.
+        available: bytes available (default: :func:`available_memory`).
+
+    Raises:
+        ResultTooLargeError: with the size and the ways out.
+    """
+    size = int(elements) * np.dtype(B.dtype_name(dtype)).itemsize
+    if size <= CHECK_ABOVE:
+        return
+    free = available_memory() if available is None else available
+    if free is None:
+        return
+    margin = max(MIN_MARGIN, int(MARGIN * free))
+    if size <= free - margin:
+        return
+    shape_text = f" ({shapes} {B.dtype_name(dtype)})" if shapes else ""
+    if what == "augnet.jacobian":
+        ways = (
+            "select fewer outputs (outputs=[...], or top_k=k for a classifier), pass fewer "
+            "samples per call, or stream it: augnet.iter_jacobian(...) yields it block by block "
+            "in bounded memory, augnet.jacobian_to_npy(model, x, 'J.npy') writes it to a file "
+            "pass by pass"
+        )
+    elif what == "augnet.layer_jacobians":
+        ways = (
+            "pass fewer samples per call, or compute the layers you need one at a time with "
+            "augnet.jacobian(layer, activation) (or augnet.iter_jacobian to stream each)"
+        )
+    else:
+        ways = "pass fewer samples per call"
+    raise ResultTooLargeError(
+        f"{what}: the result would take {_gb(size)}{shape_text}, more than the memory available "
+        f"for it ({_gb(free)} free, less a margin of {_gb(margin)}); refused before any work. "
+        "`max_memory` bounds one pass's intermediates, not the result, so it cannot make this "
+        f"fit. Ways out: {ways}."
+    )

@@ -12,6 +12,8 @@ import numpy as np
 from augnet import _backend as B
 from augnet import _derivatives as D
 from augnet._engine import auto, memory
+from augnet._engine.checks import check_finite
+from augnet._engine.logits import maybe_logits
 from augnet._engine.run import Run
 from augnet._engine.selection import select
 from augnet._engine.target import cache_for, floatx_name, infer_outputs, prepare_target
@@ -35,11 +37,19 @@ def setup(
     max_memory,
     jit_compile,
     derivatives=None,
+    *,
+    whole: bool = False,
 ) -> Run:
     """Checks every argument and plans the call; nothing is compiled or computed yet (except the
-    timing of ``strategy="auto"``'s candidates, once per callable and input signature)."""
+    timing of ``strategy="auto"``'s candidates, once per callable and input signature).
+
+    ``whole``: the caller allocates the whole result (``augnet.jacobian``), which is refused here,
+    before any work, if it does not fit in the memory available (:func:`memory.check_result_size`).
+    """
     if strategy not in STRATEGIES:
         raise ValueError(invalid_value("strategy", strategy, f"one of {STRATEGIES}"))
+    if not isinstance(jit_compile, bool | np.bool_):
+        raise TypeError(invalid_value("jit_compile", jit_compile, "True or False"))
     batch_size = memory.check_positive_int(batch_size, "batch_size")
     chunk_size = memory.check_positive_int(chunk_size, "chunk_size")
     max_memory = memory.parse_memory(max_memory)
@@ -52,6 +62,8 @@ def setup(
             f"Per-sample `outputs` has shape {format_shape(selection.per_sample.shape)}: one row "
             f"per sample is expected, ({n_samples}, k) for a batch of {n_samples}."
         )
+    if whole and not B.is_symbolic(*tensors):
+        check_whole_result(target, selection, n_samples)
     if strategy == "auto":
         strategy = auto.auto_strategy(
             target, tensors, selection, training, n_samples, batch_size, chunk_size, max_memory
@@ -84,6 +96,15 @@ def setup(
     return Run(target, tensors, selection, strategy, b, c, training, bool(jit_compile))
 
 
+def check_whole_result(target, selection, n_samples: int) -> None:
+    """``augnet.jacobian``'s result, ``(batch, m, *input_shape)`` per input, against the memory
+    available (refused before any work if it does not fit)."""
+    m = selection.size
+    elements = n_samples * m * sum(target.in_sizes)
+    shapes = ", ".join(format_shape((n_samples, m, *s)) for s in target.in_shapes)
+    memory.check_result_size(elements, target.dtype, "augnet.jacobian", shapes)
+
+
 def _framework() -> str:
     return {"tensorflow": "TensorFlow", "jax": "JAX", "torch": "PyTorch"}.get(B.name, B.name)
 
@@ -101,6 +122,7 @@ def resolve_strategy(
     max_memory=None,
     jit_compile: bool = False,
     derivatives=None,
+    logits: bool = False,
 ) -> str:
     """The strategy a call with these arguments runs, by name: ``"auto"`` resolved (by rule, or by
     timing the candidates on ``x``), and ``"loop_xla"`` for the loop compiled with XLA.
@@ -109,7 +131,7 @@ def resolve_strategy(
     batch of the run, so that a run (and its ``--resume``) uses one strategy throughout.
     """
     run = setup(
-        fn,
+        maybe_logits(fn, logits),
         x,
         outputs,
         top_k,
@@ -139,8 +161,10 @@ def prepared(fn, x, options: tuple, derivatives) -> Run:
         plan = plans.get(key)
         if plan is not None:
             plans.move_to_end(key)
-            return replace(plan, tensors=[B.convert(x, plan.target.dtype)])  # memo shared
-    run = setup(fn, x, *options, derivatives)
+            tensors = [B.convert(x, plan.target.dtype)]
+            check_finite(tensors, plan.target.in_names)
+            return replace(plan, tensors=tensors)  # memo shared
+    run = setup(fn, x, *options, derivatives, whole=True)
     if plans is not None:
         plans[key] = replace(run, tensors=[])  # not the caller's data
         while len(plans) > MAX_PLANS:

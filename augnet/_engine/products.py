@@ -17,9 +17,12 @@ import numpy as np
 from augnet import _backend as B
 from augnet import _derivatives as D
 from augnet._engine import blocks
+from augnet._engine.checks import as_batch_leaf, check_finite, check_real, check_x_kind
+from augnet._engine.logits import maybe_logits
+from augnet._engine.memory import check_result_size
 from augnet._engine.target import Target, cache_for, floatx_name, infer_outputs, prepare_target
 from augnet._errors import format_shape
-from augnet._structure import DICT, SINGLE, flatten, unflatten
+from augnet._structure import DICT, SINGLE, check_numeric, flatten, unflatten
 
 _MAX_TARGETS = 16  # prepared targets remembered per callable
 
@@ -39,7 +42,9 @@ def prepared_target(fn, x, training: bool, derivatives) -> tuple[Target, list]:
         target = targets.get(key)
         if target is not None:
             targets.move_to_end(key)
-            return target, [B.convert(x, target.dtype)]
+            tensors = [B.convert(x, target.dtype)]
+            check_finite(tensors, target.in_names)
+            return target, tensors
     target, tensors = prepare_target(fn, x, training, derivatives)
     infer_outputs(target, tensors)
     if key is not None:
@@ -75,8 +80,34 @@ def _leaves_like(value, structure, names: list[str], argument: str, what: str) -
     return leaves
 
 
+def _check_product_argument(value, argument: str) -> None:
+    """A tangent/cotangent is an array (or a list/dict of them) of real numbers."""
+    if value is None:
+        if argument == "tangent":
+            raise TypeError(
+                "`tangent` is None; pass the direction v of the product ∂y/∂x·v, shaped like `x` "
+                "(batch, *input_shape) (a list/dict of arrays for several inputs), e.g. "
+                "np.ones_like(x). For the full Jacobian use augnet.jacobian(model, x)."
+            )
+        raise TypeError(
+            "`cotangent` is None; pass the vector u of the product uᵀ·∂y/∂x, shaped like the "
+            "model's outputs (batch, *output_shape) (a list/dict for several outputs), e.g. "
+            "np.ones((batch, *output_shape)) for the gradient of the outputs' sum. For the full "
+            "Jacobian use augnet.jacobian(model, x)."
+        )
+    shape = "(batch, *input_shape)" if argument == "tangent" else "(batch, *output_shape)"
+    check_x_kind(value, argument, shape)
+
+
+def _real_leaf(leaf, argument: str):
+    """One tangent/cotangent leaf, checked: numeric, real, finite."""
+    leaf = as_batch_leaf(leaf, argument)
+    check_real(check_numeric(leaf, argument), argument)
+    return leaf
+
+
 def _check_batch_shape(leaf, expected: tuple, batch: int, argument: str):
-    shape = tuple(leaf.shape)
+    shape = tuple(np.shape(leaf))
     if shape != (batch, *expected):
         raise ValueError(
             f"`{argument}` has shape {format_shape(shape)}, expected {format_shape((batch, *expected))}"
@@ -99,7 +130,7 @@ def _flat_rows(leaves: list, batch: int, dtype, symbolic: bool):
     return B.convert(np.ascontiguousarray(flat, dtype=dtype), dtype)
 
 
-def vjp(model, x, cotangent, *, training: bool = False, derivatives=None):
+def vjp(model, x, cotangent, *, training: bool = False, derivatives=None, logits: bool = False):
     """Per-sample vector-Jacobian products ``uᵀ·∂y/∂x`` (one backward pass).
 
     Args:
@@ -109,6 +140,8 @@ def vjp(model, x, cotangent, *, training: bool = False, derivatives=None):
             one array per output.
         training: the forward pass's mode (see ``augnet.jacobian``).
         derivatives: ``{LayerClass: rule}`` custom derivative rules for this call.
+        logits: the product for the scores before the model's final softmax/sigmoid (see
+            ``augnet.jacobian``); ``cotangent`` is then shaped like them (the same shape).
 
     Returns:
         ``(batch, *input_shape)`` shaped like ``x`` (the same list/dict structure): sample ``b`` is
@@ -119,14 +152,21 @@ def vjp(model, x, cotangent, *, training: bool = False, derivatives=None):
         >>> g.shape == x.shape                                      # doctest: +SKIP
         True
     """
+    model = maybe_logits(model, logits)
     target, tensors = prepared_target(model, x, training, derivatives)
+    _check_product_argument(cotangent, "cotangent")
     batch = int(tensors[0].shape[0])
     names = _out_names(target)
     leaves = _leaves_like(cotangent, target.out_structure, names, "cotangent", "outputs")
+    leaves = [_real_leaf(v, "cotangent" + n[1:]) for v, n in zip(leaves, names)]
     for leaf, shape, name in zip(leaves, target.out_shapes, names):
         _check_batch_shape(leaf, shape, batch, "cotangent" + name[1:])
     symbolic = B.is_symbolic(*tensors)
+    if not symbolic:
+        check_result_size(batch * sum(target.in_sizes), target.dtype, "augnet.vjp", None)
     u = _flat_rows(leaves, batch, target.out_dtype, symbolic)
+    if not symbolic:
+        check_finite([u], ["cotangent"], "cotangent")
     state = target.state()
     if symbolic:
         grads = blocks.vjp_block(target)(state, tensors, u)
@@ -136,7 +176,7 @@ def vjp(model, x, cotangent, *, training: bool = False, derivatives=None):
     return unflatten(grads, target.in_structure)
 
 
-def jvp(model, x, tangent, *, training: bool = False, derivatives=None):
+def jvp(model, x, tangent, *, training: bool = False, derivatives=None, logits: bool = False):
     """Per-sample Jacobian-vector products ``∂y/∂x · v`` (forward mode).
 
     Args:
@@ -148,19 +188,27 @@ def jvp(model, x, tangent, *, training: bool = False, derivatives=None):
             mode (the double-VJP trick), as no framework runs a custom derivative in forward mode;
             so it is where the backend's forward mode does not support the model (TensorFlow:
             recurrent layers, ``training=True``).
+        logits: the product for the scores before the model's final softmax/sigmoid (see
+            ``augnet.jacobian``).
 
     Returns:
         ``(batch, *output_shape)`` shaped like the outputs (a list/dict for several outputs):
         sample ``b`` is ``∂y[b]/∂x[b] · v[b]``. NumPy arrays (tensors inside ``tf.function``).
     """
+    model = maybe_logits(model, logits)
     target, tensors = prepared_target(model, x, training, derivatives)
+    _check_product_argument(tangent, "tangent")
     batch = int(tensors[0].shape[0])
     leaves = _leaves_like(tangent, target.in_structure, target.in_names, "tangent", "inputs")
     symbolic = B.is_symbolic(*tensors)
     tangents = []
     for leaf, t, shape, name in zip(leaves, tensors, target.in_shapes, target.in_names):
+        leaf = _real_leaf(leaf, "tangent" + name[1:])
         _check_batch_shape(leaf, shape, batch, "tangent" + name[1:])
         tangents.append(B.convert(leaf, t.dtype))
+    if not symbolic:
+        check_finite(tangents, ["tangent" + name[1:] for name in target.in_names], "tangent")
+        check_result_size(batch * target.total_outputs, target.out_dtype, "augnet.jvp", None)
     by_vjp = (
         target.rules is not None
         or (target.recurrent and not B.FORWARD_RECURRENT)

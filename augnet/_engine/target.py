@@ -18,6 +18,14 @@ import numpy as np
 
 from augnet import _backend as B
 from augnet._engine import rules
+from augnet._engine.checks import (
+    as_batch_leaf,
+    check_finite,
+    check_real,
+    check_x_kind,
+    is_plain_nested,
+    samples_list_error,
+)
 from augnet._errors import format_shape, invalid_value
 from augnet._structure import (
     DICT,
@@ -162,26 +170,62 @@ def _estimate_activation_bytes(fn, itemsize: int, fallback: int) -> tuple[int, b
     return max(total, fallback), recurrent
 
 
-def prepare_target(fn, x, training: bool, derivatives=None) -> tuple[Target, list]:
-    """Checks ``x`` against ``fn`` and converts it; returns the target and the input tensors."""
+@dataclass
+class Inputs:
+    """The caller's inputs, checked and converted (:func:`convert_inputs`)."""
+
+    tensors: list
+    names: list[str]
+    structure: Structure
+    model_structure: Structure | None  # the model's input nesting (a functional model)
+    dtype: Any  # the compute dtype of all inputs (the model's)
+
+
+def check_fn(fn) -> None:
+    """``fn`` is something the engine can call: a model instance or a callable."""
+    if isinstance(fn, type):
+        raise TypeError(
+            f"`fn` is the class {fn.__module__}.{fn.__qualname__}, not a model: build or load "
+            "the model first (e.g. model = keras.Sequential([...]) or augnet.load_model(path)) "
+            "and pass the instance."
+        )
     if not callable(fn):
         raise TypeError(
-            f"`fn` must be a keras.Model or a callable built of TensorFlow ops; received an object "
-            f"of type {type(fn).__name__}."
+            f"`fn` must be a keras.Model or a callable built of the backend's ops (keras.ops); "
+            f"received an object of type {type(fn).__name__}."
         )
-    if not isinstance(training, bool):
-        raise TypeError(invalid_value("training", training, "True or False"))
+
+
+def convert_inputs(fn, x, keras_layer: bool) -> Inputs:
+    """Checks ``x`` against ``fn`` (its symbolic inputs when it has them) and converts it to
+    tensors of the model's dtype.
+
+    Refuses, with what to pass instead: what is not a batch of arrays (``None``, Python numbers,
+    data sets, generators, ragged or sparse tensors), a list of per-sample arrays for a one-input
+    model, ragged nested lists, non-numeric and complex dtypes, wrong shapes, differing batch
+    sizes and (eagerly) non-finite values, naming the sample.
+    """
+    check_x_kind(x)
+    spec = _model_input_spec(fn) if keras_layer else None
+    if is_plain_nested(x) and (spec is None or len(spec[0]) == 1):
+        x = as_batch_leaf(x, "x")  # one array written as nested lists: [[1, 2], [3, 4]]
     leaves, structure = flatten(x)
     names = structure.names()
+    if structure.kind != SINGLE:
+        for leaf, name in zip(leaves, names):
+            check_x_kind(leaf, name)
+    leaves = [as_batch_leaf(leaf, name) for leaf, name in zip(leaves, names)]
     for leaf, name in zip(leaves, names):
-        check_numeric(leaf, name)
+        check_real(check_numeric(leaf, name), name)
 
-    keras_layer = is_keras_layer(fn)
-    spec = _model_input_spec(fn) if keras_layer else None
     model_structure = None
     dtypes: list = []
     if spec is not None:
         spec_leaves, model_structure = spec
+        if structure.kind != DICT and len(spec_leaves) == 1 and len(leaves) > 1:
+            error = samples_list_error(leaves, 1, spec_leaves[0].shape)
+            if error is not None:
+                raise error
         leaves, names, structure = _match_inputs(leaves, structure, spec_leaves, model_structure)
         for leaf, name, s in zip(leaves, names, spec_leaves):
             input_name = getattr(s, "name", None)
@@ -196,13 +240,15 @@ def prepare_target(fn, x, training: bool, derivatives=None) -> tuple[Target, lis
             dtypes.append(s.dtype)
     else:
         for leaf, name in zip(leaves, names):
-            if len(leaf.shape) < 1:
+            if len(np.shape(leaf)) < 1:
                 raise ValueError(
                     f"`{name}` is a scalar; expected an array with a batch axis first, "
                     f"(batch, *input_shape). Use np.reshape({name}, (1, 1)) for one sample."
                 )
-            if int(leaf.shape[0]) == 0:
-                raise ValueError(f"`{name}` has an empty batch: shape {format_shape(leaf.shape)}.")
+            if int(np.shape(leaf)[0]) == 0:
+                raise ValueError(
+                    f"`{name}` has an empty batch: shape {format_shape(np.shape(leaf))}."
+                )
             dt = check_numeric(leaf, name)
             # A Keras model with no functional graph (subclassed) casts its inputs to its compute
             # dtype: use that, so the Jacobian comes back in it (not in the caller's dtype).
@@ -219,6 +265,20 @@ def prepare_target(fn, x, training: bool, derivatives=None) -> tuple[Target, lis
             "All inputs must have the same batch size; received batch sizes "
             f"{[int(t.shape[0]) for t in tensors]} for {names}."
         )
+    if not B.is_symbolic(*tensors):
+        check_finite(tensors, names)
+    return Inputs(tensors, names, structure, model_structure, dtype)
+
+
+def prepare_target(fn, x, training: bool, derivatives=None) -> tuple[Target, list]:
+    """Checks ``x`` against ``fn`` and converts it; returns the target and the input tensors."""
+    check_fn(fn)
+    if not isinstance(training, bool):
+        raise TypeError(invalid_value("training", training, "True or False"))
+    keras_layer = is_keras_layer(fn)
+    inputs = convert_inputs(fn, x, keras_layer)
+    tensors, names, structure, dtype = inputs.tensors, inputs.names, inputs.structure, inputs.dtype
+    model_structure = inputs.model_structure
     in_shapes = [tuple(int(d) for d in t.shape[1:]) for t in tensors]
     call = make_call(fn, training, model_structure, keras_layer)
     call, rules_key = rules.hook(fn, call, derivatives, tensors, keras_layer)
@@ -289,7 +349,7 @@ def _match_inputs(leaves, structure, spec_leaves, model_structure):
 
 def infer_outputs(target: Target, tensors: list) -> None:
     """Learns the output structure, per-sample shapes and dtype (symbolic outputs, else a probe
-    forward pass on one sample)."""
+    forward pass on two samples, which also finds a callable that drops the batch axis)."""
     fn = target.fn
     outs = None
     if target.keras:
@@ -304,9 +364,27 @@ def infer_outputs(target: Target, tensors: list) -> None:
                 outs = None
         except Exception:
             outs = None
+    if outs is not None:
+        for i, o in enumerate(outs):
+            if len(o.shape) < 1:
+                raise batch_axis_error(fn, (), i, len(outs), None)
+    key = None
+    if outs is None and not B.is_symbolic(*tensors):
+        # A probe forward pass costs one eager call of the model (most of a repeated wrt= call
+        # on MobileNetV2): once per callable and input signature.
+        key = ("outputs", tuple(target.in_shapes), B.dtype_name(target.dtype), target.in_structure)
+        known = cache_for(fn).get(key)
+        if known is not None:
+            target.out_structure, target.out_shapes, target.out_dtype = known
+            return
     if outs is None:
-        probe = [t[:1] for t in tensors]
+        n_probe = 2 if tensors[0].shape[0] is None or int(tensors[0].shape[0]) >= 2 else 1
+        probe = [t[:n_probe] for t in tensors]
         outs = target.call(target.state(), probe)
+        for i, o in enumerate(outs):
+            shape = tuple(B.shape_of(o))
+            if len(shape) < 1 or (shape[0] is not None and int(shape[0]) != n_probe):
+                raise batch_axis_error(fn, shape, i, len(outs), n_probe)
         try:
             real = fn(unflatten(probe, target.in_structure)) if not target.keras else None
         except Exception:
@@ -323,3 +401,20 @@ def infer_outputs(target: Target, tensors: list) -> None:
     if out_dtype is None or not B.is_floating(out_dtype):
         out_dtype = target.dtype
     target.out_dtype = np.dtype(B.dtype_name(out_dtype))
+    if key is not None:
+        cache_for(fn)[key] = (target.out_structure, list(target.out_shapes), target.out_dtype)
+
+
+def batch_axis_error(fn, shape: tuple, index: int, n_outputs: int, n_probe) -> ValueError:
+    """The error for a callable whose output has no batch axis (it reduced over the samples)."""
+    which = "its output" if n_outputs == 1 else f"its output {index}"
+    got = f"of shape {format_shape(shape)}"
+    if n_probe is not None:
+        got += f" for a batch of {n_probe} sample{'s' if n_probe > 1 else ''}"
+    return ValueError(
+        f"`fn` returned {which} {got}: the first axis of every output must be the batch axis, "
+        "one row per sample. augnet computes per-sample Jacobians of a function applied to each "
+        "sample independently, and a function that reduces over the batch (e.g. keras.ops.sum(x) "
+        "or keras.ops.mean(x, axis=0)) has none. Reduce over the other axes only, e.g. "
+        "lambda x: keras.ops.sum(x, axis=-1, keepdims=True)."
+    )
