@@ -91,6 +91,27 @@ def _seed():
     yield
 
 
+def keeps_float64(op: str = "tanh") -> bool:
+    """Whether Keras computes ``keras.ops.<op>`` of a float64 tensor in float64 on this backend.
+
+    Keras 3.15's type promotion (``keras.src.backend.common.dtypes``) maps float64 to float32 on
+    every backend but TensorFlow for ``tanh``, ``sin``, ``cos``, ``floor``, ``ceil`` and a few
+    other ops, also with ``JAX_ENABLE_X64=1``: a float64 model built with them computes them in
+    float32 there, and so does its exact Jacobian (ARCHITECTURE.md, "float64").
+    """
+    import keras
+
+    x = keras.ops.convert_to_tensor(np.zeros((1,), "float64"))
+    return keras.backend.standardize_dtype(getattr(keras.ops, op)(x).dtype) == "float64"
+
+
+def f64_activation() -> str:
+    """A smooth activation Keras computes in float64 on this backend, for the float64 tests that
+    compare against closed forms and central differences: ``"tanh"`` where Keras keeps it in
+    float64 (TensorFlow), else ``"sigmoid"`` (see :func:`keeps_float64`)."""
+    return "tanh" if keeps_float64("tanh") else "sigmoid"
+
+
 @contextlib.contextmanager
 def float64_keras():
     """Builds float64 Keras models inside the block, then restores the previous settings.

@@ -206,6 +206,22 @@ elif _BACKEND == "jax":
 elif _BACKEND == "torch":
     from augnet._backend.torch import *  # noqa: E402,F403
 
+
+def _no_wait(values):
+    return values
+
+
+# Optional primitives, with the default a backend that does not define them gets:
+# - ``SHAPE_SPECIALIZED``: compiled functions specialise on argument shapes (``jax.jit``), so the
+#   engine pads a pass's batch to a size already compiled instead of compiling for every batch
+#   size (augnet/_engine/padding.py). ``False``: the batch axis is dynamic (``tf.function`` with
+#   ``None`` batch axes, torch eager).
+# - ``wait(values) -> values``: blocks until asynchronously dispatched results are computed
+#   (``jax.block_until_ready``), so that a call can be timed; the default returns them as they are.
+OPTIONAL = {"SHAPE_SPECIALIZED": False, "wait": _no_wait}
+for _name, _default in OPTIONAL.items():
+    globals().setdefault(_name, _default)
+
 _missing = [n for n in CONTRACT if n not in globals()]
 if _missing:
     raise UnsupportedBackendError(
