@@ -36,6 +36,7 @@ import jax.extend
 import jax.numpy as jnp
 import keras
 import numpy as np
+from keras.src.backend.common.stateless_scope import in_stateless_scope as _in_stateless_scope
 
 name = "jax"
 
@@ -84,6 +85,14 @@ def convert(x, dtype):
     return jax.device_put(a)
 
 
+def as_argument(x, dtype):
+    """The caller's array as a compiled function takes it fastest: NumPy stays NumPy (cast on the
+    host if needed; jit's dispatch moves it to the device), a JAX array stays one."""
+    if isinstance(x, np.ndarray):
+        return x if x.dtype == dtype else x.astype(dtype)
+    return convert(x, dtype)
+
+
 def to_numpy(t) -> np.ndarray:
     """A NumPy copy the caller owns (writable), fetched from the device if needed."""
     return np.array(t)
@@ -112,7 +121,14 @@ def is_floating(dtype) -> bool:
 
 def is_symbolic(*values) -> bool:
     """True while a caller traces (JAX tracers among ``values``): results are then JAX arrays."""
-    return any(isinstance(v, _Tracer) for v in jax.tree_util.tree_leaves(values))
+    for v in values:
+        if isinstance(v, _Tracer):
+            return True
+        if not isinstance(v, np.ndarray | jax.Array) and any(
+            isinstance(leaf, _Tracer) for leaf in jax.tree_util.tree_leaves(v)
+        ):
+            return True
+    return False
 
 
 def devices() -> list[str]:
@@ -141,12 +157,6 @@ def _variables(model) -> list:
         if getattr(model, "built", True):  # an unbuilt model has no variables yet
             _VARIABLES[model] = found
     return found
-
-
-def _in_stateless_scope() -> bool:
-    from keras.src.backend.common.stateless_scope import in_stateless_scope
-
-    return in_stateless_scope()
 
 
 def model_state(model) -> list:
@@ -358,34 +368,23 @@ def tensor_spec(shape, dtype):
     return (tuple(shape), jnp.dtype(dtype).name)
 
 
-class CompiledFunction:
-    """``fn`` under ``jax.jit``: compiled on first call for each shape of its arguments.
-
-    ``trace_count()`` counts the traces (each is followed by an XLA compile). The call goes straight
-    to the jitted function (its C++ dispatch: ~5 µs).
-    """
-
-    def __init__(self, fn: Callable, input_signature=None):
-        self._count = 0
-        self.input_signature = input_signature
-
-        def counted(*args):
-            self._count += 1
-            return fn(*args)
-
-        self.jitted = jax.jit(counted)
-
-    def __call__(self, *args):
-        return self.jitted(*args)
-
-    def trace_count(self) -> int:
-        return self._count
-
-
 def compile_function(fn: Callable, input_signature=None, jit_compile: bool = False):
-    """``fn`` compiled with ``jax.jit`` (lazily, on first call per argument shape); XLA always, so
-    ``jit_compile`` changes nothing."""
-    return CompiledFunction(fn, input_signature)
+    """``jax.jit(fn)``, compiled lazily on the first call for each shape of its arguments (XLA
+    always, so ``jit_compile`` changes nothing; the signature is not needed).
+
+    The jitted function itself is returned, so that a call is jit's C++ dispatch alone (~5 µs, no
+    Python frame of ours); ``trace_count()`` is set on it and counts the traces (each followed by
+    an XLA compile).
+    """
+    count = [0]
+
+    def counted(*args):
+        count[0] += 1
+        return fn(*args)
+
+    jitted = jax.jit(counted)
+    jitted.trace_count = lambda: count[0]
+    return jitted
 
 
 # --------------------------------------------------------------------------------------------------
@@ -481,6 +480,7 @@ __all__ = [
     "SHAPE_SPECIALIZED",
     "XLA_OPTIONAL",
     "arange",
+    "as_argument",
     "call_model",
     "cast",
     "compile_function",

@@ -81,6 +81,14 @@ class Padded:
         return B.nest_pack(out, [t[:b] for t in B.nest_flatten(out)])
 
 
+def direct(fn, b: int):
+    """The compiled function behind ``fn`` once it has compiled for batch size ``b`` (calls of
+    that size need no padding: skip the wrapper), else ``None``."""
+    if isinstance(fn, Padded):
+        return fn.fn if b in fn.sizes else None
+    return fn
+
+
 def wrap(fn, kind: str, training: bool):
     """``fn`` behind :class:`Padded` where the backend specialises on shapes (inference only)."""
     if not B.SHAPE_SPECIALIZED or training or kind not in BATCHED:

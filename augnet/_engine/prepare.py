@@ -119,7 +119,7 @@ def resolve_strategy(
     return "loop_xla" if run.strategy == "loop" and run.jit_compile else str(run.strategy)
 
 
-def prepared(fn, x, options: tuple, derivatives) -> Run:
+def prepared(fn, x, options: tuple, derivatives, fast=None) -> Run:
     """``setup(fn, x, *options, derivatives)``, remembered per callable for repeated eager calls
     with one array of the same shape and dtype and the same options.
 
@@ -127,17 +127,29 @@ def prepared(fn, x, options: tuple, derivatives) -> Run:
     (more for a subclassed model, which needs a probe forward pass): as much as a small model's
     whole Jacobian. A cached plan is reused with the new input converted; anything else (lists,
     dicts, per-call ``derivatives``, inside ``tf.function``) is prepared afresh.
+
+    ``fast(plan, n_samples) -> callable or None`` builds a remembered plan's fast lane once, when it is
+    planned; a plan with one is returned as it is (no tensors: the caller calls
+    ``run.fast(x)``).
     """
     key = call_key(x, options, derivatives)
-    plans = cache_for(fn).setdefault("plans", OrderedDict()) if key is not None else None
-    if plans is not None:
+    plans = None
+    if key is not None:
+        cache = cache_for(fn)
+        plans = cache.get("plans")
+        if plans is None:
+            plans = cache["plans"] = OrderedDict()
         plan = plans.get(key)
         if plan is not None:
             plans.move_to_end(key)
+            if plan.fast is not None:
+                return plan
             return replace(plan, tensors=[B.convert(x, plan.target.dtype)])  # memo shared
     run = setup(fn, x, *options, derivatives)
     if plans is not None:
-        plans[key] = replace(run, tensors=[])  # not the caller's data
+        plan = replace(run, tensors=[])  # not the caller's data
+        plan.fast = run.fast = fast(plan, run.n_samples) if fast is not None else None
+        plans[key] = plan
         while len(plans) > MAX_PLANS:
             plans.popitem(last=False)
     return run
@@ -145,10 +157,16 @@ def prepared(fn, x, options: tuple, derivatives) -> Run:
 
 def call_key(x, options: tuple, derivatives):
     """A hashable key for a prepared call, or ``None`` where the call must be prepared afresh."""
-    if derivatives is not None or B.is_symbolic(x):
+    # Cheapest checks first: this runs on every call (a NumPy array is symbolic only in that the
+    # caller may be tracing around it, inside tf.function).
+    if derivatives is not None:
         return None
     if isinstance(x, np.ndarray):
+        if B.is_symbolic():
+            return None
         sig = ("ndarray", x.shape, x.dtype)
+    elif B.is_symbolic(x):
+        return None
     elif B.is_eager_tensor(x):
         sig = ("tensor", x.shape, x.dtype)  # shapes and dtypes hash by value
     else:

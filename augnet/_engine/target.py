@@ -14,6 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import keras
 import numpy as np
 
 from augnet import _backend as B
@@ -39,7 +40,8 @@ _CACHE_STRONG: dict = {}  # for callables that cannot be weakly referenced
 def cache_for(fn) -> dict:
     """The engine's cache for callable ``fn`` (compiled functions, prepared calls, choices)."""
     try:
-        return _CACHE.setdefault(fn, {})
+        cache = _CACHE.get(fn)  # (setdefault would make a weak reference on every call)
+        return cache if cache is not None else _CACHE.setdefault(fn, {})
     except TypeError:
         return _CACHE_STRONG.setdefault(id(fn), {})
 
@@ -246,12 +248,7 @@ def prepare_target(fn, x, training: bool, derivatives=None) -> tuple[Target, lis
 
 
 def floatx_name() -> str:
-    try:
-        import keras
-
-        return keras.config.floatx()
-    except Exception:  # pragma: no cover
-        return "float32"
+    return keras.config.floatx()
 
 
 def floatx():
