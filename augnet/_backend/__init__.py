@@ -225,7 +225,16 @@ def _convert_argument(x, dtype):
 # - ``as_argument(x, dtype)``: ``x`` (the caller's array) in the form a compiled function takes
 #   fastest, cast to ``dtype``: a NumPy array on JAX (jit's C++ dispatch moves it to the device
 #   for ~3 µs, where ``jax.device_put`` costs ~60 µs of Python); by default :func:`convert`.
-OPTIONAL = {"SHAPE_SPECIALIZED": False, "wait": _no_wait, "as_argument": _convert_argument}
+# - ``STACK_OUTPUTS``: every output of a compiled function has a cost of its own (JAX: ~7 µs per
+#   output buffer, measured on the MLP benchmark), so the reverse loop stacks its c backward passes
+#   into one array inside the compiled function; ``False`` (TensorFlow): it returns them one by
+#   one and the engine copies each straight into the result (stacking in the graph cost a copy).
+OPTIONAL = {
+    "SHAPE_SPECIALIZED": False,
+    "STACK_OUTPUTS": False,
+    "wait": _no_wait,
+    "as_argument": _convert_argument,
+}
 for _name, _default in OPTIONAL.items():
     globals().setdefault(_name, _default)
 

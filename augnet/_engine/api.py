@@ -187,14 +187,14 @@ def fast_lane(plan: Run, n_samples: int):
         out = call[0](state(), [B.as_argument(x, dtype)], *rest)
         if call[0] is fn:
             call[0] = padding.direct(fn, b) or fn
-        if kind == "loop":  # one (b, *shape) tensor per output: copied once, into the result
-            value = np.empty((b, m, *shape), dtype=dtype)
+        if kind == "forward":
+            value = B.to_numpy(out).reshape(b, m, *shape)
+        elif isinstance(out[0], list | tuple):  # the loop: one (b, *shape) tensor per output,
+            value = np.empty((b, m, *shape), dtype=dtype)  # copied once, into the result
             for j, column in enumerate(out[0]):
                 value[:, j] = B.numpy_view(column)
-        elif kind == "pfor":
-            value = B.to_numpy(out[0])
         else:
-            value = B.to_numpy(out).reshape(b, m, *shape)
+            value = B.to_numpy(out[0])
         if single:
             return value.reshape(b, *out_shape)
         return assemble(plan, [value], None)

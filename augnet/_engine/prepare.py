@@ -14,7 +14,13 @@ from augnet import _derivatives as D
 from augnet._engine import auto, memory
 from augnet._engine.run import Run
 from augnet._engine.selection import select
-from augnet._engine.target import cache_for, floatx_name, infer_outputs, prepare_target
+from augnet._engine.target import (
+    cache_for,
+    floatx_name,
+    infer_outputs,
+    prepare_target,
+    static_dim,
+)
 from augnet._errors import invalid_value
 
 logger = logging.getLogger(__name__)
@@ -46,7 +52,7 @@ def setup(
     target, tensors = prepare_target(fn, x, training, derivatives)
     infer_outputs(target, tensors)
     selection = select(target, outputs, top_k)
-    n_samples = int(tensors[0].shape[0]) if tensors[0].shape[0] is not None else 1
+    n_samples = static_dim(tensors[0].shape[0]) or 1  # (unknown while a caller traces)
     if strategy == "auto":
         strategy = auto.auto_strategy(
             target, tensors, selection, training, n_samples, batch_size, chunk_size, max_memory

@@ -87,6 +87,17 @@ class Target:
         return B.concat(flat, axis=1)
 
 
+def static_dim(d) -> int | None:
+    """A dimension as an int, or ``None`` where it is not known while tracing (``None`` in a
+    ``tf.function`` signature; a symbolic dimension of a shape-polymorphic JAX export)."""
+    if d is None:
+        return None
+    try:
+        return int(d)
+    except Exception:  # e.g. jax's InconclusiveDimensionOperation for a symbolic dimension
+        return None
+
+
 def is_keras_layer(fn) -> bool:
     try:
         import keras
@@ -215,11 +226,11 @@ def prepare_target(fn, x, training: bool, derivatives=None) -> tuple[Target, lis
     # One compute dtype for all inputs (the model's), so that the Jacobian comes back in it.
     dtype = dtypes[0]
     tensors = [B.convert(leaf, dt) for leaf, dt in zip(leaves, dtypes)]
-    batch = {int(t.shape[0]) for t in tensors if t.shape[0] is not None}
+    batch = {static_dim(t.shape[0]) for t in tensors} - {None}
     if len(batch) > 1:
         raise ValueError(
             "All inputs must have the same batch size; received batch sizes "
-            f"{[int(t.shape[0]) for t in tensors]} for {names}."
+            f"{[static_dim(t.shape[0]) for t in tensors]} for {names}."
         )
     in_shapes = [tuple(int(d) for d in t.shape[1:]) for t in tensors]
     call = make_call(fn, training, model_structure, keras_layer)
