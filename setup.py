@@ -29,7 +29,10 @@ setup(
         "h5py>=3.8",
     ],
     extras_require={
-        "test": ["pytest>=7"],
+        # Keras on JAX (KERAS_BACKEND=jax): the CPU wheels; for a GPU install JAX's CUDA wheels
+        "jax": ["jax==0.10.2", "jaxlib==0.10.2"],
+        # the test suite runs the numeric tests on every backend installed (tests/test_backends.py)
+        "test": ["pytest>=7", "jax==0.10.2", "jaxlib==0.10.2"],
         # torch pinned: a plain "torch" can pull a multi-GB CUDA build; 2.13.0 is the CPU wheel here
         "bench": ["torch==2.13.0", "jax==0.10.2", "jaxlib==0.10.2"],
         "dev": ["pytest>=7", "ruff"],

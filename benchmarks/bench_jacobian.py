@@ -646,6 +646,9 @@ def _augnet_jax_child(task: dict) -> dict:
     After the usual timing it measures augnet against every pure-JAX approach that applies, in
     this one process, alternating the calls in rounds (``paired``): a ratio that the machine's
     drift between child processes does not blur."""
+    # keras.utils.set_random_seed (in build_model) imports TensorFlow when it is installed, to seed
+    # it too (~580 MB): keep it out, as the pure-JAX children never import it.
+    sys.modules.setdefault("tensorflow", None)
     import jax
     import jax.numpy as jnp
     import keras
@@ -678,7 +681,11 @@ def _augnet_jax_child(task: dict) -> dict:
     if seen:
         result["strategy"] = "; ".join(dict.fromkeys(seen))
     result.update(_check(value, task))
-    if strategy == "auto" and not meta.get("no_port") and task.get("paired_rounds", 0) > 0:
+    # Alternated timing pays off for fast calls, where drift between processes is as large as
+    # the differences; a call of seconds is measured well enough apart (and pairing it would take
+    # minutes: every pure approach compiled and run again).
+    paired = task.get("paired_rounds", 0) > 0 and result["median_s"] < 1.0
+    if strategy == "auto" and not meta.get("no_port") and paired:
         spec = json.loads((OUT / f"{case.name}.spec.json").read_text())
         with np.load(OUT / f"{case.name}.spec_weights.npz") as z:
             weights = {k: z[k] for k in z.files}

@@ -235,6 +235,13 @@ def _tf_loop(model, leaves, rebuild_in, training):
     return rows, ys
 
 
+def _stateless_call(model, trainable, non_trainable, x, training):
+    """``model.stateless_call(...)[0]``, with ``training`` only for a call that takes it (it goes
+    to ``call`` itself, unfiltered)."""
+    kwargs = {"training": training} if getattr(model, "_call_has_training_arg", True) else {}
+    return model.stateless_call(trainable, non_trainable, x, **kwargs)[0]
+
+
 def _jax_loop(model, leaves, rebuild_in, training):
     import jax
     import jax.numpy as jnp
@@ -246,9 +253,7 @@ def _jax_loop(model, leaves, rebuild_in, training):
         non_trainable = [v.value for v in model.non_trainable_variables]
 
         def f(xs):
-            return model.stateless_call(
-                trainable, non_trainable, rebuild_in(xs), training=training
-            )[0]
+            return _stateless_call(model, trainable, non_trainable, rebuild_in(xs), training)
 
     else:
 
@@ -315,7 +320,7 @@ def reference_cross_jacobian(model, x, *, training=False):
         non_trainable = [v.value for v in model.non_trainable_variables]
 
         def f(v):
-            return model.stateless_call(trainable, non_trainable, v, training=training)[0]
+            return _stateless_call(model, trainable, non_trainable, v, training)
 
         full = np.asarray(jax.jacrev(f)(jnp.asarray(x)))
     else:
@@ -346,7 +351,7 @@ def reference_weight_gradients(model, x, scalar):
         non_trainable = [v.value for v in model.non_trainable_variables]
 
         def f(trainable):
-            return scalar(model.stateless_call(trainable, non_trainable, x, training=False)[0])
+            return scalar(_stateless_call(model, trainable, non_trainable, x, False))
 
         return [np.asarray(g) for g in jax.grad(f)([v.value for v in model.trainable_variables])]
     import torch

@@ -28,6 +28,7 @@ what is particular to JAX is said here:
 
 from __future__ import annotations
 
+import threading
 import weakref
 from collections.abc import Callable, Sequence
 
@@ -201,6 +202,8 @@ def call_model(model, state, inputs, training: bool):
     """``model.stateless_call(trainable, non_trainable, inputs, training=training)[0]``: the new
     state is dropped (no BatchNorm statistic, seed or other variable changes)."""
     if not getattr(model, "built", True):
+        if getattr(_ABSTRACT, "on", False):
+            raise _NotBuilt(model)
         if is_symbolic(inputs):
             raise ValueError(
                 f"Model {getattr(model, 'name', '')!r} is not built: call it once on a batch "
@@ -314,15 +317,33 @@ def with_custom_vjp(forward: Callable, xs: Sequence, rule_vjp: Callable):
     return wrapped(*xs, *consts)
 
 
-def _live_outputs(jaxpr) -> list[bool]:
-    """Which outputs of a (linear) jaxpr depend on any of its inputs: a forward walk, treating an
-    equation with a live input as making all its outputs live (conservative for sub-jaxprs)."""
-    live = set()
-    for v in jaxpr.invars:
-        live.add(v)
+# Call-like primitives whose inner jaxpr maps its inputs and outputs one to one to the equation's:
+# the walk goes inside them (a `jit`-wrapped round must not count as a path); any other equation
+# with an inner jaxpr (scan, while, cond) is taken as a whole, conservatively.
+_CALL_JAXPR_PARAMS = ("jaxpr", "call_jaxpr")
+
+
+def _inner_jaxpr(eqn):
+    for key in _CALL_JAXPR_PARAMS:
+        inner = eqn.params.get(key)
+        if inner is not None:
+            inner = getattr(inner, "jaxpr", inner)  # a ClosedJaxpr's jaxpr
+            if len(inner.invars) == len(eqn.invars) and len(inner.outvars) == len(eqn.outvars):
+                return inner
+    return None
+
+
+def _live(jaxpr, live_in: list[bool]) -> list[bool]:
+    """Which outputs of ``jaxpr`` depend on its inputs marked in ``live_in``: a forward walk over
+    the data dependencies (into call-like sub-jaxprs; other sub-jaxprs as a whole)."""
+    live = {v for v, on in zip(jaxpr.invars, live_in) if on}
     for eqn in jaxpr.eqns:
-        if any(not isinstance(v, _Literal) and v in live for v in eqn.invars):
-            live.update(eqn.outvars)
+        ins = [not isinstance(v, _Literal) and v in live for v in eqn.invars]
+        if not any(ins):
+            continue
+        inner = _inner_jaxpr(eqn)
+        outs = _live(inner, ins) if inner is not None else [True] * len(eqn.outvars)
+        live.update(v for v, on in zip(eqn.outvars, outs) if on)
     return [not isinstance(v, _Literal) and v in live for v in jaxpr.outvars]
 
 
@@ -330,26 +351,62 @@ def connected_outputs(f: Callable, xs: Sequence):
     """Runs ``f(xs)``; returns ``(y, flags)``, one flag per leaf of ``y``: ``True`` where that
     floating output has a gradient path to any of ``xs``.
 
-    Structural, from the linearised function's jaxpr: ``round``, ``floor``, ``sign``,
-    ``stop_gradient`` and integer casts have symbolic-zero derivatives (no equation links the
-    output's tangent to the inputs'), while ``relu`` at its kink keeps its equation.
+    Structural, from the jaxpr of ``f``'s reverse pass traced abstractly (no arithmetic, so the
+    check costs one eager forward pass plus tracing): an output has a path when some input's
+    cotangent depends on that output's cotangent. ``round``, ``floor``, ``sign``,
+    ``stop_gradient`` and integer casts contribute (symbolic) zeros, which depend on nothing;
+    ``relu`` at its kink keeps its equation. ``custom_vjp`` functions are seen through their rule.
     """
     xs = list(xs)
-    y, lin = jax.linearize(lambda a: f(a), xs)
+    y = f(xs)
     leaves = keras.tree.flatten(y)
     float_leaf = [is_float_tensor(leaf) for leaf in leaves]
     if not any(float_leaf):
         return y, [False] * len(leaves)
-    closed = jax.make_jaxpr(lin)(xs)
-    out_live = _live_outputs(closed.jaxpr)
-    # The linear function's outputs follow y's leaves (jax's flattening); integer leaves carry
-    # float0 tangents. Map by order over jax's leaves, then onto keras.tree's order.
-    jax_leaves = jax.tree_util.tree_leaves(y)
-    if len(jax_leaves) != len(out_live):  # pragma: no cover - defensive
-        return y, [bool(fl) for fl in float_leaf]
-    by_id = {id(leaf): live for leaf, live in zip(jax_leaves, out_live)}
-    flags = [bool(fl and by_id.get(id(leaf), True)) for leaf, fl in zip(leaves, float_leaf)]
+    jax_leaves, treedef = jax.tree_util.tree_flatten(y)
+    is_float = [is_float_tensor(leaf) for leaf in jax_leaves]
+
+    def pullback(xs, us):
+        out, vjp_fn = jax.vjp(f, xs)
+        it = iter(us)
+        cot = [next(it) if fl else _zero_cotangent(leaf) for leaf, fl in zip(jax_leaves, is_float)]
+        return vjp_fn(jax.tree_util.tree_unflatten(treedef, cot))[0]
+
+    us = [jnp.zeros(leaf.shape, leaf.dtype) for leaf, fl in zip(jax_leaves, is_float) if fl]
+    jaxpr = jax.make_jaxpr(pullback)(xs, us).jaxpr
+    n_x = len(jaxpr.invars) - len(us)
+    live_by_leaf = {}
+    k = 0
+    for leaf, fl in zip(jax_leaves, is_float):
+        if fl:
+            start = [False] * len(jaxpr.invars)
+            start[n_x + k] = True
+            live_by_leaf[id(leaf)] = any(_live(jaxpr, start))
+            k += 1
+    flags = [bool(fl and live_by_leaf.get(id(leaf), True)) for leaf, fl in zip(leaves, float_leaf)]
     return y, flags
+
+
+class _NotBuilt(Exception):
+    """A model met unbuilt while :func:`run_abstractly` traces: it must run for real once."""
+
+
+_ABSTRACT = threading.local()
+
+
+def run_abstractly(fn: Callable, *args):
+    """``fn(*args)`` traced with abstract values (``jax.eval_shape``): the same Python runs (the
+    layers' calls, :func:`connected_outputs` inside them) without executing or compiling a single
+    operation. A model that is not built yet (its variables are created on its first call, which
+    must not happen under a trace) makes it run eagerly instead."""
+    _ABSTRACT.on = True
+    try:
+        return jax.eval_shape(fn, *args)
+    except _NotBuilt:
+        pass
+    finally:
+        _ABSTRACT.on = False
+    return fn(*args)
 
 
 def stop_gradient(t):
@@ -513,6 +570,7 @@ __all__ = [
     "repeat_samples",
     "reshape",
     "rows_for_batch",
+    "run_abstractly",
     "shape_of",
     "stack",
     "stop_gradient",

@@ -176,7 +176,7 @@ def find_blocking_layers(model, run: Callable, xs: list, derivatives=None) -> li
             continue
         patches[layer] = checking(layer, layer.call)
     with patched(patches):
-        run(xs)
+        B.run_abstractly(run, xs)  # only the structure matters (JAX: traced, not executed)
     return blocking
 
 
