@@ -264,15 +264,15 @@ def _jax_loop(model, leaves, rebuild_in, training):
     ys = _Outputs(y)
     rows = []
     for o, shape in enumerate(ys):
-        out_rows = []
-        for j in range(_m(shape)):
 
-            def one_output(xs, o=o, j=j):  # output j of every sample, summed over the batch
-                yo = _flatten(f(xs))[0][o]
-                return jnp.sum(jnp.reshape(yo, (yo.shape[0], -1))[:, j])
+        def one_output(xs, j, o=o):  # output j of every sample, summed over the batch
+            yo = _flatten(f(xs))[0][o]
+            return jnp.sum(jnp.take(jnp.reshape(yo, (yo.shape[0], -1)), j, axis=1))
 
-            out_rows.append([np.asarray(g) for g in jax.grad(one_output)(xs)])
-        rows.append(out_rows)
+        # jax.grad of one output at a time; jitted with the output index as an argument (compiled
+        # once, not traced op by op for every output).
+        grad = jax.jit(jax.grad(one_output))
+        rows.append([[np.asarray(g) for g in grad(xs, jnp.int32(j))] for j in range(_m(shape))])
     return rows, ys
 
 
