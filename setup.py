@@ -29,16 +29,21 @@ setup(
         "h5py>=3.8",
     ],
     extras_require={
+        # Keras on JAX (KERAS_BACKEND=jax): the CPU wheels; for a GPU install JAX's CUDA wheels
+        "jax": ["jax==0.10.2", "jaxlib==0.10.2"],
         # Ray Data for `augnet.ray` (and the distributed data-set run), pinned as tested
         "ray": ["ray[data]==2.60.0"],
         # The attribution peers (tf-keras-vis, PAIR saliency) install in seconds with our stack
         # (~40 MB with scikit-image), so CI compares augnet's methods with theirs. xplique pins
         # tensorflow[and-cuda]<=2.20 and is left out: see docs/attribution.md to add it by hand.
         "attribution-peers": ["tf-keras-vis==0.8.7", "saliency==0.2.1"],
-        # the tests run everything: Ray's tests, the report page in a browser (Selenium drives
-        # the system's Chromium; .ci/run installs it when it is missing), the attribution peers
+        # the tests run everything: the numeric tests on every backend installed
+        # (tests/test_backends.py), Ray's tests, the report page in a browser (Selenium drives the
+        # system's Chromium; .ci/run installs it when it is missing), the attribution peers
         "test": [
             "pytest>=7",
+            "jax==0.10.2",
+            "jaxlib==0.10.2",
             "ray[data]==2.60.0",
             "selenium>=4.11",
             "tf-keras-vis==0.8.7",

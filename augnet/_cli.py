@@ -543,10 +543,12 @@ def _import_tensorflow(debug: bool = False):
         if not debug:
             os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
         with _silenced_stderr_fd(not debug):
-            import keras  # noqa: F401
-            import tensorflow as tf
+            import keras
 
-            tf.config.list_physical_devices()
+            if keras.backend.backend() == "tensorflow":  # (on JAX it is not needed: ~5 s, 500 MB)
+                import tensorflow as tf
+
+                tf.config.list_physical_devices()
         if not debug:
             # TensorFlow's Python deprecation notices are for developers, not for command users.
             logging.getLogger("tensorflow").setLevel(logging.ERROR)

@@ -131,6 +131,8 @@ def unregister_derivative(layer_class: type) -> None:
 
 def registry_key() -> tuple:
     """A hashable snapshot of the registry, for caches of prepared calls."""
+    if not _REGISTRY:  # (this runs on every prepared call)
+        return ()
     return tuple((id(cls), id(rule)) for cls, rule in _REGISTRY.items())
 
 

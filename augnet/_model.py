@@ -213,6 +213,13 @@ def load_model(
                 f"{str(path)!r} is a directory but not a TensorFlow SavedModel (no saved_model.pb). "
                 "Expected a .keras file, a .h5 file or a SavedModel directory."
             )
+        if keras.backend.backend() != "tensorflow":  # (keras.layers.TFSMLayer is TF-only)
+            raise ValueError(
+                f"{str(path)!r} is a TensorFlow SavedModel, which runs only when Keras runs on "
+                f"TensorFlow; Keras runs on {keras.backend.backend()!r} here. Run augnet with "
+                "KERAS_BACKEND=tensorflow for this model, or load the model's .keras or .h5 "
+                "file instead, which works on every backend."
+            )
         if safe_mode:
             raise ValueError(
                 f"{str(path)!r} is a TensorFlow SavedModel: loading it runs the TensorFlow graph "

@@ -96,6 +96,55 @@ def time_calls(
     }
 
 
+def paired_times(
+    calls: dict[str, Callable[[], object]],
+    rounds: int,
+    budget_s: float = 0.0,
+    min_sample_s: float = 0.02,
+) -> dict:
+    """Times several calls in one process, alternating: every round takes one sample of each call
+    in turn (repeated inside the sample, as in :func:`time_calls`, for calls under
+    ``min_sample_s``), so that the machine's drift hits them alike. The first call is the subject.
+
+    Returns ``{"median_s": {name: median}, "ratio": {name: median over rounds of subject ÷ name},
+    "best": the fastest other call by median, "ratio_vs_best": that ratio, "rounds": n}``. With
+    ``budget_s > 0`` the rounds stop once they have taken that long (at least 2 rounds).
+    """
+    inner = {}
+    for name, fn in calls.items():  # warm-up, and the repetitions per sample
+        fn()
+        t0 = time.perf_counter()
+        fn()
+        once = time.perf_counter() - t0
+        inner[name] = min(1000, max(1, int(np.ceil(min_sample_s / max(once, 1e-7)))))
+    times = {name: [] for name in calls}
+    t_start = time.perf_counter()
+    for r in range(rounds):
+        for name, fn in calls.items():
+            t0 = time.perf_counter()
+            for _ in range(inner[name]):
+                fn()
+            times[name].append((time.perf_counter() - t0) / inner[name])
+        if budget_s > 0 and r >= 1 and time.perf_counter() - t_start > budget_s:
+            break
+    subject = next(iter(calls))
+    medians = {name: statistics.median(t) for name, t in times.items()}
+    ratios = {
+        name: statistics.median(a / b for a, b in zip(times[subject], t))
+        for name, t in times.items()
+        if name != subject
+    }
+    others = [name for name in calls if name != subject]
+    best = min(others, key=medians.get) if others else None
+    return {
+        "median_s": medians,
+        "ratio": ratios,
+        "best": best,
+        "ratio_vs_best": ratios.get(best),
+        "rounds": len(times[subject]),
+    }
+
+
 def compare(values: np.ndarray, reference: np.ndarray, rel_tol: float = 1e-3) -> dict:
     """Max abs error of ``values`` against ``reference``, that error relative to max |reference|,
     and the fraction of entries off by more than ``rel_tol`` * max |reference| (``frac_off``).

@@ -81,6 +81,14 @@ JAX_APPROACHES = [
     Approach("jax_forward", "jax forward, jit", "jax_unit", "jax"),
     Approach("jax_vmap_jacrev", "jax jit(vmap(jacrev))", "jax", "jax"),
     Approach("jax_vmap_jacfwd", "jax jit(vmap(jacfwd))", "jax", "jax"),
+    Approach("jax_loop", "jax loop: 1 fwd + m vjp, jit", "jax", "jax"),
+]
+# augnet with Keras on JAX (KERAS_BACKEND=jax, a fresh interpreter that never imports TensorFlow),
+# on the same Keras network and weights, and the same device array as the pure-JAX rows.
+AUGNET_JAX_STRATEGIES = ("auto", "loop", "pfor", "forward")
+AUGNET_JAX_APPROACHES = [
+    Approach(f"augnet_jax_{s}", f'augnet on JAX, strategy="{s}"', "augnet_jax", "augnet_jax")
+    for s in AUGNET_JAX_STRATEGIES
 ]
 TORCH_APPROACHES = [
     Approach("torch_forward", "torch forward, no_grad", "torch_unit", "torch"),
@@ -92,7 +100,7 @@ STREAM = Approach(
     "augnet_stream", f"augnet.jacobian_to_npy, max_memory={STREAM_MAX_MEMORY}", "stream", "tf"
 )
 PREPARE = Approach("prepare", "build the network, save its weights", "prepare", "tf")
-JACOBIAN_FAMILIES = {"original", "tf", "augnet", "jax", "torch"}
+JACOBIAN_FAMILIES = {"original", "tf", "augnet", "jax", "torch", "augnet_jax"}
 
 
 def augnet_approach(strategy: str) -> Approach:
@@ -520,20 +528,7 @@ def _port_child(task: dict, framework: str) -> dict:
             jax.config.update("jax_enable_x64", True)
         net = ports.jax_network(spec, weights)
         x = jnp.asarray(x_np)
-
-        def flat(z):
-            y = net(z).reshape(z.shape[0], -1)
-            return y if sel is None else y[:, sel]
-
-        def one(xs):
-            return flat(xs[None])[0]
-
-        if key == "jax_forward":
-            f = jax.jit(flat)
-        elif key == "jax_vmap_jacrev":
-            f = jax.jit(jax.vmap(jax.jacrev(one)))
-        else:
-            f = jax.jit(jax.vmap(jax.jacfwd(one)))
+        f = _pure_jax(key, net, sel, m)
         result["baseline_mb"] = M.current_rss_mb()
 
         def run():
@@ -608,6 +603,108 @@ def _port_child(task: dict, framework: str) -> dict:
     return result
 
 
+def _pure_jax(key: str, net, sel, m: int):
+    """The pure-JAX approach ``key`` on the port ``net``: a jitted function of the batch giving
+    ``(b, m, ...)`` (the flat outputs ``(b, m)`` for ``jax_forward``)."""
+    import jax
+    import jax.numpy as jnp
+
+    def flat(z):
+        y = net(z).reshape(z.shape[0], -1)
+        return y if sel is None else y[:, sel]
+
+    def one(xs):
+        return flat(xs[None])[0]
+
+    if key == "jax_forward":
+        return jax.jit(flat)
+    if key == "jax_vmap_jacrev":
+        return jax.jit(jax.vmap(jax.jacrev(one)))
+    if key == "jax_vmap_jacfwd":
+        return jax.jit(jax.vmap(jax.jacfwd(one)))
+    if key == "jax_loop":  # one forward pass, then one VJP per output (unrolled, as tf_loop)
+
+        def loop(z):
+            y, pullback = jax.vjp(flat, z)
+            eye = jnp.eye(m, dtype=y.dtype)
+
+            def row(e):
+                return pullback(jnp.broadcast_to(e, y.shape))[0]
+
+            if m <= UNROLL_MAX_M:
+                return jnp.stack([row(eye[k]) for k in range(m)], axis=1)
+            return jnp.swapaxes(jax.lax.map(row, eye), 0, 1)
+
+        return jax.jit(loop)
+    raise KeyError(key)
+
+
+def _augnet_jax_child(task: dict) -> dict:
+    """augnet with Keras on JAX: the case's Keras network (the reference's weights) in a fresh
+    interpreter with KERAS_BACKEND=jax, the same device array as the pure-JAX rows.
+
+    After the usual timing it measures augnet against every pure-JAX approach that applies, in
+    this one process, alternating the calls in rounds (``paired``): a ratio that the machine's
+    drift between child processes does not blur."""
+    # keras.utils.set_random_seed (in build_model) imports TensorFlow when it is installed, to seed
+    # it too (~580 MB): keep it out, as the pure-JAX children never import it.
+    sys.modules.setdefault("tensorflow", None)
+    import jax
+    import jax.numpy as jnp
+    import keras
+
+    import augnet
+    from benchmarks import ports
+    from benchmarks.models import build_model
+
+    if keras.backend.backend() != "jax":
+        raise RuntimeError(f"KERAS_BACKEND is {keras.backend.backend()!r}, not 'jax'")
+    case = CASES[task["case"]]
+    meta, outputs = _load_task_files(task)
+    b, m, n = case.batch, meta["m"], meta["n"]
+    model = build_model(case, OUT / f"{case.builder}_seed{case.seed}.weights.npz")
+    x = jnp.asarray(make_input(case))
+    strategy = task["approach"][len("augnet_jax_") :]
+    seen = _augnet_strategy_logger()
+    kwargs = {"strategy": strategy}
+    if outputs is not None:
+        kwargs["outputs"] = outputs
+    result = {"baseline_mb": M.current_rss_mb(), "devices": [str(d) for d in jax.devices()]}
+
+    def run():
+        return augnet.jacobian(model, x, **kwargs)
+
+    timing = M.time_calls(run, task["repeats"], task.get("budget", 0.0))
+    result["peak_mb"] = M.peak_rss_mb()
+    value = np.asarray(timing.pop("result")).reshape(b, m, n)
+    result.update(timing)
+    if seen:
+        result["strategy"] = "; ".join(dict.fromkeys(seen))
+    result.update(_check(value, task))
+    # Alternated timing pays off for fast calls, where drift between processes is as large as
+    # the differences; a call of seconds is measured well enough apart (and pairing it would take
+    # minutes: every pure approach compiled and run again).
+    paired = task.get("paired_rounds", 0) > 0 and result["median_s"] < 1.0
+    if strategy == "auto" and not meta.get("no_port") and paired:
+        spec = json.loads((OUT / f"{case.name}.spec.json").read_text())
+        with np.load(OUT / f"{case.name}.spec_weights.npz") as z:
+            weights = {k: z[k] for k in z.files}
+        net = ports.jax_network(spec, weights)
+        sel = None if outputs is None else np.asarray(outputs)
+        keys = ["jax_vmap_jacrev", "jax_loop"] + (["jax_vmap_jacfwd"] if n < m else [])
+        pure = {k: _pure_jax(k, net, sel, m) for k in keys}
+        calls = {"augnet": lambda: np.asarray(run())}
+        for k, f in pure.items():
+            calls[k] = lambda f=f: np.asarray(f(x).block_until_ready())
+        paired = M.paired_times(calls, task["paired_rounds"], task.get("budget", 0.0))
+        result["paired"] = paired
+        result["note"] = (
+            f"paired in one process: {paired['ratio_vs_best']:.2f}× {paired['best']} "
+            f"({paired['rounds']} rounds)"
+        )
+    return result
+
+
 def _port_jacobian64(framework, spec, weights, x0, sel, rows) -> np.ndarray:
     """The port's float64 Jacobian of sample ``x0`` (batch 1), outputs ``rows`` of the selection."""
     from benchmarks import ports
@@ -644,7 +741,10 @@ def child_entry(task_path: str) -> int:
     task = json.loads(Path(task_path).read_text())
     framework = task["approach"].split("_", 1)[0]
     try:
-        result = _port_child(task, framework)
+        if task["approach"].startswith("augnet_jax_"):
+            result = _augnet_jax_child(task)
+        else:
+            result = _port_child(task, framework)
     except BaseException as exc:  # noqa: BLE001 - reported, not raised
         result = {
             "status": "error",
@@ -742,7 +842,12 @@ def run_child(approach: Approach, task: dict, timeout_s: float, cap_mb: float) -
                 [sys.executable, str(Path(__file__).resolve()), "--child", str(task_path)],
                 stdout=fh,
                 stderr=subprocess.STDOUT,
-                env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", **TORCH_ENV},
+                env={
+                    **os.environ,
+                    "TF_CPP_MIN_LOG_LEVEL": "3",
+                    **TORCH_ENV,
+                    **({"KERAS_BACKEND": "jax"} if approach.runner == "augnet_jax" else {}),
+                },
             )
         pid = proc.pid
     status, killed, sampled, sampled_anon = _watch(pid, timeout_s, cap_mb)
@@ -775,7 +880,11 @@ def skip_reason(ap: Approach, case: Case, meta: dict, args) -> str | None:
             return f"no port: {meta['no_port']}"
     if key.endswith("jacfwd") and n >= m:
         return f"n={n} ≥ m={m}: reverse mode's case (jacfwd runs only where n < m)"
-    if "fwd_mode" in key or key.endswith("jacfwd") or key == "augnet_forward":
+    if (
+        "fwd_mode" in key
+        or key.endswith("jacfwd")
+        or key in ("augnet_forward", "augnet_jax_forward")
+    ):
         if n > FWD_MODE_MAX_N:
             return f"forward mode needs n={n} tangents (vs m={m} reverse passes); skipped for n > {FWD_MODE_MAX_N}"
     if key == "tf_original":
@@ -1029,6 +1138,7 @@ def summarize_case(case: Case, results: dict[str, dict], approaches: list[Approa
             rk = min(reverse, key=lambda k: results[k]["median_s"])
             s["best_reverse"] = rk
             s["best_reverse_over_auto"] = results[rk]["median_s"] / auto["median_s"]
+    s.update(_summarize_augnet_jax(results, ok))
     st = results.get("augnet_stream")
     if st and checked(st):
         s["stream_s"] = st["median_s"]
@@ -1037,6 +1147,56 @@ def summarize_case(case: Case, results: dict[str, dict], approaches: list[Approa
         s["stream_peak_anon_mb"] = st.get("peak_anon_sampled_mb")
         s["stream_baseline_anon_mb"] = st.get("baseline_anon_mb")
     return s
+
+
+def _summarize_augnet_jax(results: dict[str, dict], ok) -> dict:
+    """augnet on JAX against the fastest pure-JAX approach: from the separate child processes, and
+    (``paired``) from the alternated timings in the augnet child itself."""
+    s = {}
+    auto = ok("augnet_jax_auto")
+    pure = [k for k in ("jax_vmap_jacrev", "jax_vmap_jacfwd", "jax_loop") if ok(k)]
+    if not auto:
+        return s
+    s["jax_auto_s"] = auto["median_s"]
+    s["jax_auto_strategy"] = auto.get("strategy", "")
+    if pure:
+        best = min(pure, key=lambda k: results[k]["median_s"])
+        s["best_jax"] = best
+        s["best_jax_s"] = results[best]["median_s"]
+        s["jax_auto_vs_best_jax"] = auto["median_s"] / results[best]["median_s"]
+    paired = auto.get("paired")
+    if paired and paired.get("best"):
+        s["paired_best_jax"] = paired["best"]
+        s["paired_vs_best_jax"] = paired["ratio_vs_best"]
+        s["paired_rounds"] = paired["rounds"]
+    return s
+
+
+def augnet_jax_table(summaries: list[dict], labels: dict[str, str]) -> str:
+    """One line per case: augnet on JAX (auto) against the fastest pure-JAX approach."""
+    lines = [
+        "| case | augnet on JAX, auto (chose) | fastest pure JAX | ÷ (separate processes) | ÷ (paired, one process) |",
+        "|---|---|---|---:|---:|",
+    ]
+    for s in summaries:
+        if "jax_auto_s" not in s:
+            continue
+        auto = f"{_fmt_time(s['jax_auto_s'])} ({s.get('jax_auto_strategy') or '?'})"
+        best = (
+            f"{labels.get(s['best_jax'], s['best_jax'])}: {_fmt_time(s['best_jax_s'])}"
+            if s.get("best_jax")
+            else "—"
+        )
+        paired = (
+            f"{s['paired_vs_best_jax']:.2f}× vs {labels.get(s['paired_best_jax'], s['paired_best_jax'])}"
+            f" ({s['paired_rounds']} rounds)"
+            if s.get("paired_vs_best_jax")
+            else "—"
+        )
+        lines.append(
+            f"| {s['case']} | {auto} | {best} | {_fmt_ratio(s.get('jax_auto_vs_best_jax'))} | {paired} |"
+        )
+    return "\n".join(lines) if len(lines) > 2 else ""
 
 
 def summary_table(summaries: list[dict], labels: dict[str, str]) -> str:
@@ -1126,6 +1286,18 @@ def targets(summaries: list[dict]) -> list[str]:
                 else "not measured"
             )
         )
+    jax_vs = [
+        (s["case"], s.get("paired_vs_best_jax") or s["jax_auto_vs_best_jax"])
+        for s in summaries
+        if "jax_auto_vs_best_jax" in s or "paired_vs_best_jax" in s
+    ]
+    if jax_vs:
+        worst = max(jax_vs, key=lambda t: t[1])
+        out.append(
+            "augnet on JAX (auto) ≤ 1.10× the fastest pure-JAX approach on every case (paired "
+            f"timing where measured): {mark(worst[1] <= 1.10)} (worst {worst[1]:.2f}× on "
+            f"{worst[0]}; " + ", ".join(f"{c} {v:.2f}×" for c, v in jax_vs) + ")"
+        )
     ma = by.get("mobilenet_all", {})
     if "stream_s" in ma:
         from_mem = 2048 + 1024
@@ -1200,6 +1372,13 @@ def main(argv=None) -> int:
     )
     p.add_argument("--stream-timeout", type=float, default=3 * 3600.0)
     p.add_argument(
+        "--paired-rounds",
+        type=int,
+        default=7,
+        help="augnet on JAX (auto) against each pure-JAX approach in its own process, alternating, "
+        "this many rounds (within --budget); 0 = off (default 7)",
+    )
+    p.add_argument(
         "--keep-npy",
         action="store_true",
         help="keep mobilenet_all's Jacobian .npy in benchmarks/_out/",
@@ -1250,6 +1429,7 @@ def main(argv=None) -> int:
         else:
             approaches = list(TF_APPROACHES) + [augnet_approach(s) for s in strategies]
             approaches += JAX_APPROACHES if have_jax else []
+            approaches += AUGNET_JAX_APPROACHES if have_jax and strategies else []
             approaches += TORCH_APPROACHES if have_torch else []
         if args.only:
             approaches = [
@@ -1270,6 +1450,7 @@ def main(argv=None) -> int:
             "meta": None,
             "keep_npy": args.keep_npy,
             "budget": args.budget,
+            "paired_rounds": args.paired_rounds,
         }
         meta = None
         prep = run_child(PREPARE, task0, args.timeout, args.mem_cap_gb * 1024)
@@ -1362,6 +1543,9 @@ def main(argv=None) -> int:
 
     elapsed = time.time() - t_start
     summary = summary_table(summaries, labels)
+    jax_table = augnet_jax_table(summaries, labels)
+    if jax_table:
+        summary += "\n\n### augnet on JAX against pure JAX\n\n" + jax_table
     goal_lines = targets(summaries)
     print("# Summary")
     print(summary)

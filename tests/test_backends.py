@@ -52,6 +52,9 @@ NUMERIC_SUITE = [
     "test_result_size.py",
     "test_logits.py",
     "test_engine_reuse.py",
+    "test_padding.py",
+    "test_mixed_precision.py",
+    "test_jax.py",  # (skipped on the other backends)
 ]
 FRAMEWORK = {"tensorflow": "tensorflow", "jax": "jax", "torch": "torch"}
 SUBRUN = "AUGNET_TEST_BACKEND_SUBRUN"  # set in the subprocesses: no runs within runs
@@ -119,6 +122,87 @@ def test_numeric_suite_on_backend(name):
             f"{_tail(proc.stdout + proc.stderr)}"
         )
     print(f"KERAS_BACKEND={name}: {summary} ({seconds:.0f} s)")
+
+
+_CROSS_SCRIPT = """
+import sys
+from pathlib import Path
+
+import keras
+import numpy as np
+
+import augnet
+
+root = Path(sys.argv[1])
+x = np.load(root / "x.npy")
+for suffix in ("keras", "h5"):
+    model = augnet.load_model(root / f"model.{suffix}")
+    np.save(root / f"J_{suffix}.npy", model.return_jacobian(x))
+# A model trained on this backend, for the parent to load on its own.
+model = augnet.load_model(root / "model.keras")
+model.compile(optimizer=keras.optimizers.SGD(0.1), loss="mse")
+model.fit(x, np.load(root / "y.npy"), epochs=2, batch_size=4, verbose=0)
+model.save(root / "trained.keras")
+np.save(root / "J_trained.npy", model.return_jacobian(x))
+print(keras.backend.backend())
+"""
+
+
+def _cross_model():
+    import keras
+
+    keras.utils.set_random_seed(60)
+    L = keras.layers
+    i = keras.Input((6, 6, 2))
+    h = L.Conv2D(3, 3, activation="tanh")(i)
+    h = L.BatchNormalization()(h)
+    h = L.MaxPooling2D(2)(h)
+    h = L.Dense(4, activation="sigmoid")(L.Flatten()(h))
+    return keras.Model(i, L.Dense(3)(L.Dropout(0.3)(h)), name="cross")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["tensorflow", "jax", "torch"])
+def test_a_saved_model_gives_the_same_jacobian_on_another_backend(name, tmp_path):
+    """One .keras (and .h5) file, two backends, the same Jacobians to float32 tolerance; and a model
+    trained and saved on the other backend loads here with the Jacobian it had there."""
+    import numpy as np
+
+    import augnet
+
+    if os.environ.get(SUBRUN):
+        pytest.skip("inside a per-backend run")
+    if name == backend():
+        pytest.skip(f"this run is on {name}")
+    if not (ROOT / "augnet" / "_backend" / f"{name}.py").exists():
+        pytest.skip(f"augnet has no {name} backend yet")
+    if importlib.util.find_spec(FRAMEWORK[name]) is None:
+        pytest.skip(f"{FRAMEWORK[name]} is not installed")
+    model = _cross_model()
+    rng = np.random.default_rng(61)
+    x = rng.uniform(-1, 1, size=(8, 6, 6, 2)).astype("float32")
+    np.save(tmp_path / "x.npy", x)
+    np.save(tmp_path / "y.npy", rng.normal(size=(8, 3)).astype("float32"))
+    model.save(tmp_path / "model.keras")
+    model.save(tmp_path / "model.h5")
+    here = augnet.jacobian(model, x)
+    proc = subprocess.run(
+        [sys.executable, "-c", _CROSS_SCRIPT, str(tmp_path)],
+        cwd=ROOT,
+        env=_backend_env(name),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, _tail(proc.stdout + proc.stderr)
+    assert proc.stdout.strip().splitlines()[-1] == name
+    for suffix in ("keras", "h5"):
+        there = np.load(tmp_path / f"J_{suffix}.npy")
+        np.testing.assert_allclose(there, here, rtol=1e-5, atol=1e-6, err_msg=suffix)
+    trained = augnet.load_model(tmp_path / "trained.keras")
+    J = trained.return_jacobian(x)
+    assert np.abs(J - here).max() > 1e-4  # it was trained there
+    np.testing.assert_allclose(J, np.load(tmp_path / "J_trained.npy"), rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("name", ["numpy", "jax", "torch"])

@@ -8,7 +8,7 @@ import shutil
 import keras
 import numpy as np
 import pytest
-from conftest import to_numpy
+from conftest import backend, to_numpy
 
 import augnet
 
@@ -94,9 +94,13 @@ def test_save_and_load(model, data, tmp_path, kind):
     np.testing.assert_array_equal(to_numpy(loaded_aug(args)), expected)
 
 
-@pytest.mark.tensorflow_only
 @pytest.mark.parametrize("kind", ["seed_input", "fixed", "jacobian"])
-def test_export_to_a_savedmodel(model, data, tmp_path, kind, tf):
+def test_export_to_a_savedmodel(model, data, tmp_path, kind):
+    """Keras exports a SavedModel on TensorFlow, and on JAX through jax2tf (TensorFlow installed):
+    the backward model's VJP/Jacobian runs in it (shape-polymorphic in the batch on JAX)."""
+    if backend() not in ("tensorflow", "jax"):
+        pytest.skip(f"Keras exports SavedModels from TensorFlow and JAX, not {backend()}")
+    tf = pytest.importorskip("tensorflow")
     x, u, _ = data
     bm, args = _backward_of_kind(model, data, kind)
     expected = to_numpy(bm(args))

@@ -1,9 +1,14 @@
-"""float64 central finite differences against the engine, on smooth models (no ReLU kinks)."""
+"""float64 central finite differences against the engine, on smooth models (no ReLU kinks).
+
+The smooth activation is tanh where Keras computes it in float64 (TensorFlow), sigmoid where Keras
+3.15 computes tanh of float64 tensors in float32 (``conftest.f64_activation``): central differences
+of a model that is itself float32 inside would measure its rounding, not the Jacobian.
+"""
 
 import keras
 import numpy as np
 import pytest
-from conftest import STRATEGIES, central_fd_jacobian, float64_keras, predict
+from conftest import STRATEGIES, central_fd_jacobian, f64_activation, float64_keras, predict
 
 import augnet
 
@@ -17,7 +22,7 @@ def _mlp():
     return keras.Sequential(
         [
             keras.Input((5,)),
-            L.Dense(8, activation="tanh"),
+            L.Dense(8, activation=f64_activation()),
             L.Dense(6, activation="sigmoid"),
             L.Dense(3, activation="softplus"),
         ]
@@ -29,9 +34,9 @@ def _cnn():
     return keras.Sequential(
         [
             keras.Input((6, 6, 2)),
-            L.Conv2D(3, 3, padding="same", activation="tanh"),
+            L.Conv2D(3, 3, padding="same", activation=f64_activation()),
             L.AveragePooling2D(2),
-            L.Conv2D(2, 2, activation="tanh"),
+            L.Conv2D(2, 2, activation=f64_activation()),
             L.Flatten(),
             L.Dense(4),
         ]
@@ -69,8 +74,9 @@ def test_matches_central_differences(float64_models, name, strategy):
 def test_float64_fixture_model_and_return_jacobian(float64):
     """A float64 AugNet built in the ``float64`` fixture: ``return_jacobian`` against differences."""
     inputs = keras.Input((3,))
-    h = keras.layers.Dense(4, activation="tanh")(inputs)
-    model = augnet.AugNet(inputs=inputs, outputs=keras.layers.Dense(2, activation="tanh")(h))
+    act = f64_activation()
+    h = keras.layers.Dense(4, activation=act)(inputs)
+    model = augnet.AugNet(inputs=inputs, outputs=keras.layers.Dense(2, activation=act)(h))
     x = np.random.default_rng(2).uniform(-1, 1, size=(4, 3))
     assert model.compute_dtype == "float64" and model.inputs[0].dtype == "float64"
     J = model.return_jacobian(x)

@@ -1,12 +1,14 @@
 """The chain rule layer by layer, latent sensitivity (wrt=, intermediate_model) and per-sample
-parameter gradients, against products of Jacobians, closed forms and the backend's plain gradient."""
+parameter gradients, against products of Jacobians, closed forms and the backend's plain gradient.
+
+float64 models use tanh where Keras computes it in float64, else sigmoid (``conftest.f64_activation``)."""
 
 from __future__ import annotations
 
 import keras
 import numpy as np
 import pytest
-from conftest import reference_weight_gradients, to_numpy
+from conftest import f64_activation, reference_weight_gradients, to_numpy
 
 import augnet
 
@@ -19,7 +21,7 @@ def _sequential():
     return keras.Sequential(
         [
             keras.Input((2,), dtype=F64),
-            keras.layers.Dense(3, activation="tanh", name="g", dtype=F64),
+            keras.layers.Dense(3, activation=f64_activation(), name="g", dtype=F64),
             keras.layers.Dense(4, activation="sigmoid", name="h", dtype=F64),
             keras.layers.Dense(2, name="k", dtype=F64),
         ]
@@ -30,7 +32,7 @@ def _functional_chain():
     keras.utils.set_random_seed(1)
     inp = keras.Input((2, 3), dtype=F64)
     h = keras.layers.Flatten(dtype=F64, name="flat")(inp)
-    h = keras.layers.Dense(4, activation="tanh", name="d1", dtype=F64)(h)
+    h = keras.layers.Dense(4, activation=f64_activation(), name="d1", dtype=F64)(h)
     h = keras.layers.Reshape((2, 2), dtype=F64, name="rs")(h)
     return keras.Model(inp, keras.layers.Dense(3, name="d2", dtype=F64)(h))
 
@@ -38,8 +40,8 @@ def _functional_chain():
 def _residual():
     keras.utils.set_random_seed(2)
     inp = keras.Input((3,), dtype=F64)
-    a = keras.layers.Dense(3, activation="tanh", name="a", dtype=F64)(inp)
-    b = keras.layers.Dense(3, activation="tanh", name="b", dtype=F64)(a)
+    a = keras.layers.Dense(3, activation=f64_activation(), name="a", dtype=F64)(inp)
+    b = keras.layers.Dense(3, activation=f64_activation(), name="b", dtype=F64)(a)
     s = keras.layers.Add(name="skip", dtype=F64)([a, b])
     return keras.Model(inp, keras.layers.Dense(2, name="out", dtype=F64)(s))
 
@@ -98,7 +100,8 @@ def test_wrt_is_the_tail_of_the_chain():
 
 
 def test_wrt_with_skip_connection_closed_form():
-    """out = D(a + tanh(B a)): ∂out/∂a = W_outᵀ (I + diag(1 - tanh²) W_bᵀ)."""
+    """out = D(a + tanh(B a)): ∂out/∂a = W_outᵀ (I + diag(1 - tanh²) W_bᵀ) (sigmoid where Keras
+    computes tanh of float64 in float32: ``conftest.f64_activation``)."""
     model = _residual()
     x = np.random.default_rng(5).normal(size=(3, 3))
     J = augnet.jacobian(model, x, wrt="a", strategy="loop")
@@ -106,8 +109,13 @@ def test_wrt_with_skip_connection_closed_form():
     Wb, bb = (to_numpy(w) for w in model.get_layer("b").weights)
     Wo = model.get_layer("out").kernel.numpy()
     for i in range(3):
-        t = np.tanh(a[i] @ Wb + bb)
-        expected = Wo.T @ (np.eye(3) + np.diag(1 - t**2) @ Wb.T)
+        z = a[i] @ Wb + bb
+        if f64_activation() == "tanh":
+            d = 1 - np.tanh(z) ** 2
+        else:
+            s = 1 / (1 + np.exp(-z))
+            d = s * (1 - s)
+        expected = Wo.T @ (np.eye(3) + np.diag(d) @ Wb.T)
         np.testing.assert_allclose(J[i], expected, **TOL64)
 
 

@@ -1,12 +1,15 @@
 """augnet.vjp / augnet.jvp against Jᵀ·u and J·v (augnet's full Jacobian) and the backend's plain
-per-output gradient loop; compiled once per input signature (no retrace on repeated calls)."""
+per-output gradient loop; compiled once per input signature (no retrace on repeated calls).
+
+The float64 models use tanh where Keras computes it in float64, else sigmoid
+(``conftest.f64_activation``), so that the 1e-10 comparisons test augnet, not Keras's promotion."""
 
 from __future__ import annotations
 
 import keras
 import numpy as np
 import pytest
-from conftest import reference_jacobian
+from conftest import f64_activation, reference_jacobian
 
 import augnet
 from augnet import _engine
@@ -17,7 +20,7 @@ TOL64 = {"rtol": 1e-10, "atol": 1e-12}
 def _single():
     keras.utils.set_random_seed(0)
     inp = keras.Input((3,), dtype="float64")
-    h = keras.layers.Dense(5, activation="tanh", dtype="float64")(inp)
+    h = keras.layers.Dense(5, activation=f64_activation(), dtype="float64")(inp)
     return keras.Model(inp, keras.layers.Dense(2, dtype="float64")(h))
 
 
@@ -26,7 +29,7 @@ def _multi():
     a = keras.Input((3,), dtype="float64", name="a")
     b = keras.Input((2, 2), dtype="float64", name="b")
     h = keras.layers.Concatenate(dtype="float64")([a, keras.layers.Flatten(dtype="float64")(b)])
-    h = keras.layers.Dense(4, activation="tanh", dtype="float64")(h)
+    h = keras.layers.Dense(4, activation=f64_activation(), dtype="float64")(h)
     out1 = keras.layers.Dense(2, dtype="float64", name="o1")(h)
     out2 = keras.layers.Dense(3, activation="sigmoid", dtype="float64", name="o2")(a)  # a only
     return keras.Model({"a": a, "b": b}, {"o1": out1, "o2": out2})

@@ -4,7 +4,7 @@ augnet.load_model on .keras, legacy .h5 and SavedModel directories."""
 import keras
 import numpy as np
 import pytest
-from conftest import TOL, reference_jacobian
+from conftest import TOL, backend, reference_jacobian
 
 import augnet
 
@@ -166,6 +166,23 @@ def test_loaded_savedmodel_every_strategy(saved, savedmodel, strategy):
     np.testing.assert_allclose(
         augnet.jacobian(loaded, x, strategy=strategy), J, rtol=1e-6, atol=1e-6
     )
+
+
+def test_a_savedmodel_off_tensorflow_is_a_clear_error(tmp_path):
+    """Keras reaches a SavedModel only through TensorFlow (TFSMLayer): on another backend, an
+    error that names the backend and the ways out, before anything is loaded."""
+    if backend() == "tensorflow":
+        pytest.skip("TensorFlow loads SavedModel directories")
+    folder = tmp_path / "savedmodel"
+    folder.mkdir()
+    (folder / "saved_model.pb").write_bytes(b"")
+    with pytest.raises(
+        ValueError,
+        match=rf"is a TensorFlow SavedModel, which runs only when Keras runs on TensorFlow; "
+        rf"Keras runs on '{backend()}' here\. Run augnet with KERAS_BACKEND=tensorflow.*\.keras "
+        r"or \.h5 file instead",
+    ):
+        augnet.load_model(folder)
 
 
 def test_load_model_accepts_str_paths(saved):

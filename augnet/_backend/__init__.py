@@ -208,6 +208,47 @@ elif _BACKEND == "jax":
 elif _BACKEND == "torch":
     from augnet._backend.torch import *  # noqa: E402,F403
 
+
+def _no_wait(values):
+    return values
+
+
+def _run(fn, *args):
+    return fn(*args)
+
+
+def _convert_argument(x, dtype):
+    return convert(x, dtype)  # noqa: F405 (the backend module's)
+
+
+# Optional primitives, with the default a backend that does not define them gets:
+# - ``SHAPE_SPECIALIZED``: compiled functions specialise on argument shapes (``jax.jit``), so the
+#   engine pads a pass's batch to a size already compiled instead of compiling for every batch
+#   size (augnet/_engine/padding.py). ``False``: the batch axis is dynamic (``tf.function`` with
+#   ``None`` batch axes, torch eager).
+# - ``wait(values) -> values``: blocks until asynchronously dispatched results are computed
+#   (``jax.block_until_ready``), so that a call can be timed; the default returns them as they are.
+# - ``as_argument(x, dtype)``: ``x`` (the caller's array) in the form a compiled function takes
+#   fastest, cast to ``dtype``: a NumPy array on JAX (jit's C++ dispatch moves it to the device
+#   for ~3 µs, where ``jax.device_put`` costs ~60 µs of Python); by default :func:`convert`.
+# - ``STACK_OUTPUTS``: every output of a compiled function has a cost of its own (JAX: ~7 µs per
+#   output buffer, measured on the MLP benchmark), so the reverse loop stacks its c backward passes
+#   into one array inside the compiled function; ``False`` (TensorFlow): it returns them one by
+#   one and the engine copies each straight into the result (stacking in the graph cost a copy).
+# - ``run_abstractly(fn, *args)``: runs ``fn`` where only the structure of the computation matters
+#   (the gradient-path check, which asks :func:`connected_outputs` of every layer): JAX traces it
+#   (``jax.eval_shape``) instead of executing it op by op, which compiles every operation on first
+#   use (MobileNetV2: 14 s executed, ~1.5 s traced). By default ``fn(*args)``.
+OPTIONAL = {
+    "SHAPE_SPECIALIZED": False,
+    "STACK_OUTPUTS": False,
+    "wait": _no_wait,
+    "as_argument": _convert_argument,
+    "run_abstractly": _run,
+}
+for _name, _default in OPTIONAL.items():
+    globals().setdefault(_name, _default)
+
 _missing = [n for n in CONTRACT if n not in globals()]
 if _missing:
     raise UnsupportedBackendError(

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from augnet import _backend as B
-from augnet._engine import blocks, checks, prepare, sensitivity
+from augnet._engine import blocks, checks, padding, prepare, sensitivity
 from augnet._engine import run as R
 from augnet._engine.logits import maybe_logits
 from augnet._engine.results import TopKJacobian
@@ -129,7 +129,14 @@ def jacobian(
         )
         return finish(J)
     options = (outputs, top_k, training, strategy, batch_size, chunk_size, max_memory, jit_compile)
-    run = prepare.prepared(fn, x, options, derivatives)
+    run = prepare.prepared(fn, x, options, derivatives, fast=fast_lane)
+    if run.fast is not None:
+        J = run.fast(x)
+        parts = [J] if isinstance(J, np.ndarray) else B.nest_flatten(J)
+        nonzero = checks.nonzero_samples(parts, len(parts[0]))
+        if not nonzero.all():
+            checks.warn_all_zero(np.flatnonzero(~nonzero))
+        return J
     if B.is_symbolic(*run.tensors):
         return symbolic_jacobian(run)
     target, sel = run.target, run.selection
@@ -162,6 +169,70 @@ def jacobian(
 # calls (tf.autograph.experimental.do_not_convert sets the same marker, but would also switch
 # autograph off inside the caller's model).
 jacobian.autograph_info__ = None
+
+
+def fast_lane(plan: Run, n_samples: int):
+    """``fast(x) -> J`` for a remembered plan that is one pass (every sample and every selected
+    output, or input element, at once) of one input in inference mode, else ``None``.
+
+    A repeated call with an array of the planned shape, dtype and options then costs what the
+    computation costs: the model's state, one compiled call with ``x`` (``B.as_argument``: as the
+    compiled function takes it fastest) and one conversion to NumPy, reshaped. Everything else
+    (checks, selection, plan, seeds, the compiled function) was done when the call was planned.
+    """
+    target, sel = plan.target, plan.selection
+    kind = plan.strategy
+    if (
+        plan.training  # (the general path snapshots and restores state around training calls)
+        or sel.top_k is not None
+        or len(target.in_shapes) != 1
+        or kind not in ("loop", "pfor", "forward")
+        or n_samples > plan.batch_size
+    ):
+        return None
+    (n_in,), (shape,) = target.in_sizes, target.in_shapes
+    if kind == "forward":
+        if plan.chunk_size < n_in:
+            return None
+        extra = (0, sel.full)
+    else:
+        if plan.chunk_size < sel.size:
+            return None
+        extra = sel.size if kind == "loop" else None
+    dtype = np.dtype(B.dtype_name(target.dtype))
+    m = sel.size
+    model, model_state = target.fn, B.model_state
+    state = (lambda: model_state(model)) if target.keras else tuple
+    single = len(target.out_shapes) == 1 and sel.full
+    out_shape = (*target.out_shapes[0], *shape) if single else None
+    fn = blocks.compiled(target, kind, False, plan.jit_compile, extra=extra)
+    b = n_samples
+    rows = B.convert(np.ascontiguousarray(np.broadcast_to(sel.rows, (b, m)), np.int32), "int32")
+    rest = (
+        (B.convert(np.arange(n_in, dtype=np.int32), "int32"), rows)
+        if kind == "forward"
+        else (rows,)
+    )
+
+    call = [fn]  # the compiled block; once it has run b samples unpadded, called directly
+
+    def fast(x):
+        out = call[0](state(), [B.as_argument(x, dtype)], *rest)
+        if call[0] is fn:
+            call[0] = padding.direct(fn, b) or fn
+        if kind == "forward":
+            value = B.to_numpy(out).reshape(b, m, *shape)
+        elif isinstance(out[0], list | tuple):  # the loop: one (b, *shape) tensor per output,
+            value = np.empty((b, m, *shape), dtype=dtype)  # copied once, into the result
+            for j, column in enumerate(out[0]):
+                value[:, j] = B.numpy_view(column)
+        else:
+            value = B.to_numpy(out[0])
+        if single:
+            return value.reshape(b, *out_shape)
+        return assemble(plan, [value], None)
+
+    return fast
 
 
 def assemble(run: Run, results: list, indices):

@@ -4,7 +4,8 @@ A block is a pure function of backend tensors whose first argument is the model'
 (``target.state()``, read at every call) and which only calls seam primitives
 (``B.vjp``/``B.jvp``/``B.vectorized_map``/...). :func:`compiled` compiles it once per callable,
 kind, options and input signature (``B.compile_function``) and caches it; the batch axis is
-dynamic, so other batch sizes reuse it.
+dynamic, so other batch sizes reuse it (on a backend that compiles per shape, by padding them:
+:mod:`augnet._engine.padding`).
 
 Kinds:
 
@@ -20,7 +21,7 @@ Kinds:
 from __future__ import annotations
 
 from augnet import _backend as B
-from augnet._engine import pooling
+from augnet._engine import padding, pooling
 from augnet._engine.target import Target, cache_for
 
 
@@ -139,7 +140,11 @@ def compiled(target: Target, kind: str, training: bool, jit_compile: bool, extra
         # Routed max pooling has no XLA kernel and no pfor rule: the plain loop only. Derivative
         # rules replace a layer's call themselves: leave those models as they are.
         routed = loop and not jit_compile and target.rules is None
-        block = reverse_block(target, vectorized=not loop, stacked=not loop, routed=routed)
+        # The loop's c results are copied straight into the result where the backend returns
+        # outputs cheaply (TensorFlow); stacked in the compiled function where each output costs
+        # (JAX: ~7 µs per output buffer, B.STACK_OUTPUTS).
+        stacked = not loop or B.STACK_OUTPUTS
+        block = reverse_block(target, vectorized=not loop, stacked=stacked, routed=routed)
         sig = [state_sig, xs_sig, B.tensor_spec((None, extra), "int32")]
     elif kind == "forward":  # extra: (which input, every output in order)
         block = forward_block(target, *extra)
@@ -161,6 +166,7 @@ def compiled(target: Target, kind: str, training: bool, jit_compile: bool, extra
     else:  # pragma: no cover
         raise AssertionError(kind)
     fn = B.compile_function(block, sig, jit_compile=jit_compile)
+    fn = padding.wrap(fn, kind, training)  # a backend that compiles per shape: pad the batch
     cache[key] = fn
     return fn
 

@@ -16,7 +16,13 @@ from augnet._engine.checks import check_finite
 from augnet._engine.logits import maybe_logits
 from augnet._engine.run import Run
 from augnet._engine.selection import select
-from augnet._engine.target import cache_for, floatx_name, infer_outputs, prepare_target
+from augnet._engine.target import (
+    cache_for,
+    floatx_name,
+    infer_outputs,
+    prepare_target,
+    static_dim,
+)
 from augnet._errors import format_shape, invalid_value
 
 logger = logging.getLogger(__name__)
@@ -56,7 +62,7 @@ def setup(
     target, tensors = prepare_target(fn, x, training, derivatives)
     infer_outputs(target, tensors)
     selection = select(target, outputs, top_k)
-    n_samples = int(tensors[0].shape[0]) if tensors[0].shape[0] is not None else 1
+    n_samples = static_dim(tensors[0].shape[0]) or 1  # (unknown while a caller traces)
     if selection.per_sample is not None and len(selection.per_sample) != n_samples:
         raise ValueError(
             f"Per-sample `outputs` has shape {format_shape(selection.per_sample.shape)}: one row "
@@ -146,7 +152,7 @@ def resolve_strategy(
     return "loop_xla" if run.strategy == "loop" and run.jit_compile else str(run.strategy)
 
 
-def prepared(fn, x, options: tuple, derivatives) -> Run:
+def prepared(fn, x, options: tuple, derivatives, fast=None) -> Run:
     """``setup(fn, x, *options, derivatives)``, remembered per callable for repeated eager calls
     with one array of the same shape and dtype and the same options.
 
@@ -154,19 +160,35 @@ def prepared(fn, x, options: tuple, derivatives) -> Run:
     (more for a subclassed model, which needs a probe forward pass): as much as a small model's
     whole Jacobian. A cached plan is reused with the new input converted; anything else (lists,
     dicts, per-call ``derivatives``, inside ``tf.function``) is prepared afresh.
+
+    ``fast(plan, n_samples) -> callable or None`` builds a remembered plan's fast lane once, when it is
+    planned; a plan with one is returned as it is (no tensors: the caller calls
+    ``run.fast(x)``).
     """
     key = call_key(x, options, derivatives)
-    plans = cache_for(fn).setdefault("plans", OrderedDict()) if key is not None else None
-    if plans is not None:
+    plans = None
+    if key is not None:
+        cache = cache_for(fn)
+        plans = cache.get("plans")
+        if plans is None:
+            plans = cache["plans"] = OrderedDict()
         plan = plans.get(key)
         if plan is not None:
             plans.move_to_end(key)
+            if plan.fast is not None:
+                # (the fast lane converts x itself; the finite check still runs on every call)
+                check_finite(
+                    [x if isinstance(x, np.ndarray) else B.to_numpy(x)], plan.target.in_names
+                )
+                return plan
             tensors = [B.convert(x, plan.target.dtype)]
             check_finite(tensors, plan.target.in_names)
             return replace(plan, tensors=tensors)  # memo shared
     run = setup(fn, x, *options, derivatives, whole=True)
     if plans is not None:
-        plans[key] = replace(run, tensors=[])  # not the caller's data
+        plan = replace(run, tensors=[])  # not the caller's data
+        plan.fast = run.fast = fast(plan, run.n_samples) if fast is not None else None
+        plans[key] = plan
         while len(plans) > MAX_PLANS:
             plans.popitem(last=False)
     return run
@@ -174,10 +196,16 @@ def prepared(fn, x, options: tuple, derivatives) -> Run:
 
 def call_key(x, options: tuple, derivatives):
     """A hashable key for a prepared call, or ``None`` where the call must be prepared afresh."""
-    if derivatives is not None or B.is_symbolic(x):
+    # Cheapest checks first: this runs on every call (a NumPy array is symbolic only in that the
+    # caller may be tracing around it, inside tf.function).
+    if derivatives is not None:
         return None
     if isinstance(x, np.ndarray):
+        if B.is_symbolic():
+            return None
         sig = ("ndarray", x.shape, x.dtype)
+    elif B.is_symbolic(x):
+        return None
     elif B.is_eager_tensor(x):
         sig = ("tensor", x.shape, x.dtype)  # shapes and dtypes hash by value
     else:

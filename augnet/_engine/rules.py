@@ -234,7 +234,7 @@ def find_blocking(model, run: Callable, xs: list, derivatives=None) -> tuple[lis
                 continue
             patches[op] = _op_call(cutting, op, op.call)
     with patched(patches):
-        run(xs)
+        B.run_abstractly(run, xs)  # only the structure matters (JAX: traced, not executed)
     seen: set = set()
     cutting = [op for op in cutting if not (id(op) in seen or seen.add(id(op)))]
     return blocking, cutting

@@ -7,7 +7,7 @@ yields each block's values as NumPy; the helpers below copy them into a result w
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -29,6 +29,8 @@ class Run:
     training: bool
     jit_compile: bool
     memo: dict = field(default_factory=dict)  # per prepared call: the blocks' seed tensors
+    # A prepared call's fast lane, ``fast(x) -> result`` (api.fast_lane), where it has one.
+    fast: Callable | None = None
 
     @property
     def n_samples(self) -> int:

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import keras
 import numpy as np
 
 from augnet import _backend as B
@@ -47,7 +48,8 @@ _CACHE_STRONG: dict = {}  # for callables that cannot be weakly referenced
 def cache_for(fn) -> dict:
     """The engine's cache for callable ``fn`` (compiled functions, prepared calls, choices)."""
     try:
-        return _CACHE.setdefault(fn, {})
+        cache = _CACHE.get(fn)  # (setdefault would make a weak reference on every call)
+        return cache if cache is not None else _CACHE.setdefault(fn, {})
     except TypeError:
         return _CACHE_STRONG.setdefault(id(fn), {})
 
@@ -91,6 +93,17 @@ class Target:
         if len(flat) > 1:
             flat = [f if f.dtype == flat[0].dtype else B.convert(f, flat[0].dtype) for f in flat]
         return B.concat(flat, axis=1)
+
+
+def static_dim(d) -> int | None:
+    """A dimension as an int, or ``None`` where it is not known while tracing (``None`` in a
+    ``tf.function`` signature; a symbolic dimension of a shape-polymorphic JAX export)."""
+    if d is None:
+        return None
+    try:
+        return int(d)
+    except Exception:  # e.g. jax's InconclusiveDimensionOperation for a symbolic dimension
+        return None
 
 
 def is_keras_layer(fn) -> bool:
@@ -259,11 +272,11 @@ def convert_inputs(fn, x, keras_layer: bool) -> Inputs:
     # One compute dtype for all inputs (the model's), so that the Jacobian comes back in it.
     dtype = dtypes[0]
     tensors = [B.convert(leaf, dt) for leaf, dt in zip(leaves, dtypes)]
-    batch = {int(t.shape[0]) for t in tensors if t.shape[0] is not None}
+    batch = {static_dim(t.shape[0]) for t in tensors} - {None}
     if len(batch) > 1:
         raise ValueError(
             "All inputs must have the same batch size; received batch sizes "
-            f"{[int(t.shape[0]) for t in tensors]} for {names}."
+            f"{[static_dim(t.shape[0]) for t in tensors]} for {names}."
         )
     if not B.is_symbolic(*tensors):
         check_finite(tensors, names)
@@ -306,12 +319,7 @@ def prepare_target(fn, x, training: bool, derivatives=None) -> tuple[Target, lis
 
 
 def floatx_name() -> str:
-    try:
-        import keras
-
-        return keras.config.floatx()
-    except Exception:  # pragma: no cover
-        return "float32"
+    return keras.config.floatx()
 
 
 def floatx():
