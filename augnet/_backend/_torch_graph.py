@@ -26,6 +26,7 @@ Nothing here knows about Keras: it traces any function of tensors built of torch
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Callable
 
@@ -105,7 +106,7 @@ def capture(fn: Callable, fakes_for: Callable) -> Variant:
         out_spec.append(spec)
         return leaves
 
-    with _size_oblivious():
+    with _size_oblivious(), _forward_mode_on_symbolic_sizes():
         gm = make_fx(traced, tracing_mode="symbolic")(*fakes)
     symbols = []
     for size in dyn_sizes:
@@ -133,9 +134,37 @@ def _size_oblivious():
 
         return _config.patch(backed_size_oblivious=True)
     except Exception:  # pragma: no cover - an older torch: batch 1 is captured on its own
-        import contextlib
-
         return contextlib.nullcontext()
+
+
+@contextlib.contextmanager
+def _forward_mode_on_symbolic_sizes():
+    """A fake-tensor rule for ``aten._new_zeros_with_same_feature_meta``, which forward mode under
+    ``vmap`` (a JVP per input element) calls and whose meta kernel reads a storage offset that
+    symbolic sizes do not have (torch 2.13). Only while augnet captures a graph."""
+    try:
+        from torch._subclasses import fake_impls
+        from torch._subclasses.fake_tensor import FakeTensor, in_kernel_invocation_manager
+    except ImportError:  # pragma: no cover
+        yield
+        return
+    op = aten._new_zeros_with_same_feature_meta.default
+    table = fake_impls.op_implementations_dict
+
+    def zeros_like_feature(fake_mode, func, self, other, self_num_batch_dims=0):
+        sizes = [*self.shape[:self_num_batch_dims], *other.shape]
+        with in_kernel_invocation_manager(fake_mode):
+            meta = torch.zeros(sizes, dtype=other.dtype, device="meta")
+        return FakeTensor(fake_mode, meta, other.device)
+
+    added = op not in table
+    if added:
+        table[op] = zeros_like_feature
+    try:
+        yield
+    finally:
+        if added:
+            table.pop(op, None)
 
 
 def optimize(gm: fx.GraphModule) -> fx.GraphModule:
@@ -147,9 +176,42 @@ def optimize(gm: fx.GraphModule) -> fx.GraphModule:
         out = gm
     if out is gm:
         out.graph._codegen = fx.graph.CodeGen()  # no pytree flattening per call
-        out.graph.eliminate_dead_code()
-        out.recompile()
+    eliminate_common_subexpressions(out.graph)
+    out.graph.eliminate_dead_code()
+    out.recompile()
     return out
+
+
+def eliminate_common_subexpressions(graph: fx.Graph) -> None:
+    """One node for each repeated pure operation on the same arguments (the backward passes of a
+    Jacobian repeat the weights' transposes, index ranges, ...)."""
+    seen: dict = {}
+    for n in list(graph.nodes):
+        if n.op != "call_function" or not isinstance(n.target, torch._ops.OpOverload):
+            continue
+        schema = n.target._schema
+        if schema.is_mutable or torch.Tag.nondeterministic_seeded in n.target.tags:
+            continue
+        try:
+            key = (n.target, _hashable(n.args), _hashable(n.kwargs))
+            hash(key)
+        except TypeError:
+            continue
+        if key in seen:
+            n.replace_all_uses_with(seen[key])
+            graph.erase_node(n)
+        else:
+            seen[key] = n
+
+
+def _hashable(value):
+    if isinstance(value, list | tuple):
+        return (type(value).__name__, tuple(_hashable(v) for v in value))
+    if isinstance(value, dict):
+        return ("dict", tuple((k, _hashable(v)) for k, v in sorted(value.items())))
+    if isinstance(value, torch.SymInt | torch.SymFloat | torch.Tensor):
+        raise TypeError("not a constant")
+    return value
 
 
 # --------------------------------------------------------------------------------------------------

@@ -245,12 +245,11 @@ def devices() -> list[str]:
 # --------------------------------------------------------------------------------------------------
 
 
-def model_state(model) -> tuple:
-    """``([trainable values], [non-trainable values])``, read now (so later changes are seen)."""
-    return (
-        [v.value for v in model.trainable_variables],
-        [v.value for v in model.non_trainable_variables],
-    )
+def model_state(model) -> list:
+    """The values of all of ``model.variables`` (weights and seed states, in Keras's order), read
+    now, so that later changes are seen. One list: freezing a layer (``trainable=False``) does
+    not change its layout."""
+    return [v.value for v in model.variables]
 
 
 def forked_rng():
@@ -267,9 +266,8 @@ def call_model(model, state, inputs, training: bool):
     a ``training`` argument, and input casting, work as in a plain call): nothing is assigned
     (BatchNorm statistics, seed states) and, with ``training=True``, torch's global random state
     is left as it was (:func:`forked_rng`)."""
-    trainable, non_trainable = state if state else model_state(model)
-    mapping = list(zip(model.trainable_variables, trainable))
-    mapping += zip(model.non_trainable_variables, non_trainable)
+    values = state if state else model_state(model)
+    mapping = list(zip(model.variables, values))
     with float64_compute(_any_float64(inputs)):
         with forked_rng() if training else contextlib.nullcontext():
             with keras.StatelessScope(state_mapping=mapping):
@@ -279,20 +277,19 @@ def call_model(model, state, inputs, training: bool):
 def parameter_vjp(model, variables: Sequence, f: Callable):
     """One forward pass of ``f(state)`` recorded for gradients with respect to ``variables`` (some
     of ``model``'s variables); ``vjp_fn(cotangent)`` gives one dense gradient per variable."""
-    trainable, non_trainable = (list(s) for s in model_state(model))
-    where = {id(w): (trainable, i) for i, w in enumerate(model.trainable_variables)}
-    where.update({id(w): (non_trainable, i) for i, w in enumerate(model.non_trainable_variables)})
+    state = model_state(model)
+    where = {id(w): i for i, w in enumerate(model.variables)}
     leaves = []
     for v in variables:
         if id(v) not in where:
             raise ValueError(f"{getattr(v, 'path', v)!r} is not a variable of {model.name!r}.")
-        state, i = where[id(v)]
+        i = where[id(v)]
         leaf = state[i].detach().requires_grad_(True)
         state[i] = leaf
         leaves.append(leaf)
-    f64 = _any_float64(trainable)
+    f64 = _any_float64(state)
     with torch.enable_grad(), float64_compute(f64):
-        y = f((trainable, non_trainable))
+        y = f(state)
 
     def vjp_fn(cotangent):
         with float64_compute(f64):
@@ -517,6 +514,19 @@ def tensor_spec(shape, dtype) -> TensorSpec:
 _NO_CONTEXT = contextlib.nullcontext()
 
 
+def _flatten_into(value, out: list) -> None:
+    """The leaves of nested lists/tuples/dicts in ``torch.utils._pytree``'s order (faster than it
+    for the few leaves of a call)."""
+    if isinstance(value, list | tuple):
+        for v in value:
+            _flatten_into(v, out)
+    elif isinstance(value, dict):
+        for v in value.values():
+            _flatten_into(v, out)
+    else:
+        out.append(value)
+
+
 def _is_spec(x) -> bool:
     return isinstance(x, TensorSpec)
 
@@ -546,7 +556,8 @@ class CompiledFunction:
         self._traces = 0
 
     def _leaves(self, args) -> list:
-        leaves, spec = pytree.tree_flatten(list(args))
+        leaves: list = []
+        _flatten_into(args, leaves)
         if len(leaves) != len(self.specs):
             raise TypeError(
                 f"a compiled function expected {len(self.specs)} tensors as in its signature, "
@@ -644,8 +655,10 @@ def _index(indices) -> torch.Tensor:
 
 def one_hot(indices, depth: int, dtype):
     """Written as a comparison (``torch.nn.functional.one_hot`` reads the indices' values)."""
-    idx = _index(indices)
-    return (idx[..., None] == torch.arange(depth, device=idx.device)).to(_torch_dtype(dtype))
+    if not isinstance(indices, torch.Tensor):
+        indices = _index(indices)
+    positions = torch.arange(depth, dtype=indices.dtype, device=indices.device)
+    return (indices[..., None] == positions).to(_torch_dtype(dtype))
 
 
 def stack(ts, axis):
@@ -689,7 +702,9 @@ def unit_tangent(column, n: int, sample_shape, like):
     """``e_column`` (of ``n`` elements) reshaped to ``sample_shape``, for every sample of ``like``:
     ``(batch, *sample_shape)``."""
     e = one_hot(column, n, like.dtype)
-    return e.reshape(1, *sample_shape).expand(like.shape)
+    # Materialised (not a stride-0 view): a tangent laid out like its primal needs no copy
+    # into a new layout when forward mode pairs them, which graph capture cannot trace.
+    return e.reshape(1, *sample_shape).expand(like.shape).contiguous()
 
 
 def rows_for_batch(rows: np.ndarray, like):
