@@ -516,10 +516,12 @@ def _import_tensorflow(debug: bool = False):
         if not debug:
             os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
         with _silenced_stderr_fd(not debug):
-            import keras  # noqa: F401
-            import tensorflow as tf
+            import keras
 
-            tf.config.list_physical_devices()
+            if keras.backend.backend() == "tensorflow":  # (Keras on JAX or torch needs no TF)
+                import tensorflow as tf
+
+                tf.config.list_physical_devices()
         if not debug:
             # TensorFlow's Python deprecation notices are for developers, not for command users.
             logging.getLogger("tensorflow").setLevel(logging.ERROR)
@@ -700,6 +702,9 @@ def cmd_info(args: argparse.Namespace) -> int:
         lines.append("differentiable with respect to the input: NO")
         lines.extend(f"  - {p}" for p in report["problems"])
     lines.extend(f"note: {n}" for n in report["notes"])
+    from augnet import _backend
+
+    lines.append(f"backend: Keras on {_backend.name}; devices: {', '.join(_backend.devices())}")
     if getattr(args, "sample", None):
         lines.extend(_sensitivity_lines(model, args.sample))
     print("\n".join(lines))
@@ -980,7 +985,9 @@ class Job:
                 self.model, x, outputs=self.outputs, top_k=self.top_k, max_memory=a.max_memory
             )
             self.store.resolved["strategy"] = self.strategy
-        preds = np.asarray(self.model(x, training=False)).reshape(len(x), -1)
+        from augnet import _backend
+
+        preds = _backend.to_numpy(self.model(x, training=False)).reshape(len(x), -1)
         result = augnet.jacobian(
             self.model,
             x,

@@ -156,6 +156,13 @@ def load_model(
                 f"{str(path)!r} is a directory but not a TensorFlow SavedModel (no saved_model.pb). "
                 "Expected a .keras file, a .h5 file or a SavedModel directory."
             )
+        if keras.backend.backend() != "tensorflow":
+            raise ValueError(
+                f"{str(path)!r} is a TensorFlow SavedModel directory: a TensorFlow graph, which "
+                f"Keras cannot run on the {keras.backend.backend()!r} backend "
+                "(keras.layers.TFSMLayer needs TensorFlow). Load it with KERAS_BACKEND=tensorflow, "
+                "or load the model's .keras or .h5 file instead (model.save('model.keras'))."
+            )
         return _load_saved_model(path)
     if path.suffix not in (".keras", ".h5", ".hdf5"):
         raise ValueError(

@@ -47,6 +47,7 @@ NUMERIC_SUITE = [
     "test_layer_jacobians.py",
     "test_analysis.py",
     "test_backward.py",
+    "test_mixed_precision.py",
 ]
 FRAMEWORK = {"tensorflow": "tensorflow", "jax": "jax", "torch": "torch"}
 SUBRUN = "AUGNET_TEST_BACKEND_SUBRUN"  # set in the subprocesses: no runs within runs

@@ -72,6 +72,17 @@ class Variant:
         )
         self._ok: dict = {}
 
+    def pinned(self, position: int) -> int | None:
+        """The one value the graph holds for at dynamic size ``position``, if its capture pinned
+        it (torch's forward mode under ``vmap`` reads some sizes as integers), else ``None``."""
+        s = self.symbols[position]
+        for g in self.guards:
+            if getattr(g, "is_Equality", False) and s in (g.lhs, g.rhs):
+                other = g.rhs if g.lhs == s else g.lhs
+                if getattr(other, "is_Integer", False):
+                    return int(other)
+        return None
+
     def accepts(self, sizes: tuple) -> bool:
         ok = self._ok.get(sizes)
         if ok is None:
@@ -106,7 +117,7 @@ def capture(fn: Callable, fakes_for: Callable) -> Variant:
         out_spec.append(spec)
         return leaves
 
-    with _size_oblivious(), _forward_mode_on_symbolic_sizes():
+    with _size_oblivious(), _forward_mode_on_symbolic_sizes(), _quiet_fake_tensors():
         gm = make_fx(traced, tracing_mode="symbolic")(*fakes)
     symbols = []
     for size in dyn_sizes:
@@ -123,6 +134,19 @@ def capture(fn: Callable, fakes_for: Callable) -> Variant:
             guards.append(sympy.Eq(s, replacements[s]))
     gm = optimize(gm)
     return Variant(gm, symbols, guards, out_spec[-1])
+
+
+@contextlib.contextmanager
+def _quiet_fake_tensors():
+    """torch logs a failed fake-tensor kernel at ERROR with a C++ stack before raising; a failed
+    capture is not an error for augnet (it runs the block eagerly, and says so at DEBUG)."""
+    log = logging.getLogger("torch._subclasses.fake_tensor")
+    level = log.level
+    log.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        log.setLevel(level)
 
 
 def _size_oblivious():
@@ -144,7 +168,6 @@ def _forward_mode_on_symbolic_sizes():
     symbolic sizes do not have (torch 2.13). Only while augnet captures a graph."""
     try:
         from torch._subclasses import fake_impls
-        from torch._subclasses.fake_tensor import FakeTensor, in_kernel_invocation_manager
     except ImportError:  # pragma: no cover
         yield
         return
@@ -152,10 +175,20 @@ def _forward_mode_on_symbolic_sizes():
     table = fake_impls.op_implementations_dict
 
     def zeros_like_feature(fake_mode, func, self, other, self_num_batch_dims=0):
-        sizes = [*self.shape[:self_num_batch_dims], *other.shape]
-        with in_kernel_invocation_manager(fake_mode):
-            meta = torch.zeros(sizes, dtype=other.dtype, device="meta")
-        return FakeTensor(fake_mode, meta, other.device)
+        # As the C++ kernel lays it out: ``other``'s sizes and strides (and storage offset),
+        # preceded by ``self``'s leading batch axes, each spanning a whole copy of other's storage.
+        k = self_num_batch_dims
+        span = 1 + other.storage_offset()
+        for size, stride in zip(other.shape, other.stride()):
+            span = span + (size - 1) * stride
+        strides = [0] * k + list(other.stride())
+        total = span
+        for i in reversed(range(k)):
+            strides[i] = total
+            total = total * self.shape[i]
+        sizes = [*self.shape[:k], *other.shape]
+        # (Operations on a fake tensor here dispatch through its own fake mode.)
+        return other.new_zeros([total]).as_strided(sizes, strides, other.storage_offset())
 
     added = op not in table
     if added:

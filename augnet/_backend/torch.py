@@ -148,6 +148,8 @@ def convert(x, dtype) -> torch.Tensor:
         t = x.value
     else:
         a = np.asarray(x)
+        if a.dtype.name == "bfloat16":  # ml_dtypes' bfloat16, which torch.from_numpy lacks
+            a = a.astype(np.float32)
         if a.dtype.kind not in "biufc":
             raise TypeError(f"cannot convert an array of dtype {a.dtype} to a tensor")
         if not a.flags.writeable or not a.flags.c_contiguous:
@@ -162,24 +164,35 @@ def convert(x, dtype) -> torch.Tensor:
 
 
 def to_numpy(t) -> np.ndarray:
-    """A NumPy copy the caller owns (bfloat16 comes back as float32, which NumPy has)."""
+    """A NumPy copy the caller owns (bfloat16 as ``ml_dtypes.bfloat16``, as on the other
+    backends)."""
     if isinstance(getattr(t, "value", None), torch.Tensor) and not isinstance(t, torch.Tensor):
         t = t.value
     if not isinstance(t, torch.Tensor):
         return np.array(t)
     t = t.detach()
     if t.dtype == torch.bfloat16:
-        t = t.float()
+        return _bfloat16(t)
     if t.device.type != "cpu":
         return t.cpu().numpy()
     return t.numpy().copy()
+
+
+def _bfloat16(t) -> np.ndarray:
+    values = t.float().cpu().numpy()
+    try:
+        import ml_dtypes  # Keras's own dependency
+
+        return values.astype(ml_dtypes.bfloat16)
+    except ImportError:  # pragma: no cover
+        return values
 
 
 def numpy_view(t) -> np.ndarray:
     """A NumPy view of a CPU tensor's buffer without a copy (valid while the tensor lives)."""
     t = t.detach()
     if t.dtype == torch.bfloat16:
-        t = t.float()
+        return _bfloat16(t)
     return t.numpy() if t.device.type == "cpu" else t.cpu().numpy()
 
 
@@ -368,24 +381,35 @@ def jvp_by_vjp(f: Callable[[list], torch.Tensor], xs: Sequence[torch.Tensor], ta
     return y, y_dot
 
 
-class _PlainMemoryFormat(torch.overrides.TorchFunctionMode):
-    """Channels-last copies become plain ones (the same values): Keras's convolutions ask for
-    them, and ``torch.func.vmap`` does not support them."""
+@contextlib.contextmanager
+def _plain_memory_format():
+    """Keras's convolutions copy their inputs to channels-last memory, which ``torch.func.vmap``
+    does not support: inside a vectorised map they keep their layout (the same values). Keras's
+    helper is restored on exit."""
+    try:
+        from keras.src.backend.torch import nn as keras_nn
+    except ImportError:  # pragma: no cover
+        yield
+        return
+    original = getattr(keras_nn, "_maybe_convert_to_channels_last", None)
+    if original is None:  # pragma: no cover - another Keras
+        yield
+        return
+    keras_nn._maybe_convert_to_channels_last = _same_tensor
+    try:
+        yield
+    finally:
+        keras_nn._maybe_convert_to_channels_last = original
 
-    _CALLS = (torch.Tensor.contiguous, torch.Tensor.clone, torch.clone)
-    _FORMATS = (torch.channels_last, torch.channels_last_3d)
 
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func in self._CALLS and kwargs.get("memory_format") in self._FORMATS:
-            kwargs = {**kwargs, "memory_format": torch.contiguous_format}
-        return func(*args, **kwargs)
+def _same_tensor(tensor):
+    return tensor
 
 
 def vectorized_map(fn: Callable, elems: torch.Tensor):
     """``fn`` applied to every row of ``elems`` in one vectorised pass (``torch.func.vmap``),
     results stacked along a new first axis. Random operations use one draw for all rows."""
-    with _PlainMemoryFormat():
+    with _plain_memory_format():
         return torch.func.vmap(fn, randomness="same")(elems)
 
 
@@ -549,6 +573,12 @@ class CompiledFunction:
             for axis, d in enumerate(spec.shape)
             if d is None
         ]
+        # The batch: axis 0 of every argument of rank 2 or more whose axis 0 is dynamic.
+        self.batch_positions = [
+            j
+            for j, (i, axis) in enumerate(self.dynamic)
+            if axis == 0 and len(self.specs[i].shape) >= 2
+        ]
         self.float64 = any(s.dtype == torch.float64 for s in self.specs)
         self.jit_compile = bool(jit_compile)
         self.variants: list = []
@@ -576,12 +606,50 @@ class CompiledFunction:
                 if variant.accepts(sizes):
                     break
             else:
+                padded = self._padded_call(leaves, sizes)
+                if padded is not None:
+                    return padded
                 variant = self._capture(leaves, sizes)
             if variant is not None:
                 with torch.no_grad(), forked_rng() if variant.random else _NO_CONTEXT:
                     out = variant.forward(*leaves)
                 return pytree.tree_unflatten(out, variant.out_spec)
         return self._run_eagerly(leaves)
+
+    def _padded_call(self, leaves: list, sizes: tuple):
+        """A graph pinned to a batch size (forward mode) runs a smaller batch padded with copies
+        of its last sample, and the results are cut back: samples are independent, so the padding
+        changes no result, and the batch sizes of one job (full batches, then a last smaller one)
+        need one capture."""
+        batch = {sizes[j] for j in self.batch_positions}
+        if len(batch) != 1:
+            return None
+        (b,) = batch
+        for variant in self.variants:
+            pins = {variant.pinned(j) for j in self.batch_positions} - {None}
+            if len(pins) != 1:
+                continue
+            (target,) = pins
+            if target <= b:
+                continue
+            wanted = list(sizes)
+            for j in self.batch_positions:
+                wanted[j] = target
+            if not variant.accepts(tuple(wanted)):
+                continue
+            rows = {self.dynamic[j][0] for j in self.batch_positions}
+            args = [
+                torch.cat([t, t[-1:].expand(target - b, *t.shape[1:])]) if i in rows else t
+                for i, t in enumerate(leaves)
+            ]
+            with torch.no_grad(), forked_rng() if variant.random else _NO_CONTEXT:
+                out = variant.forward(*args)
+            out = [
+                t[:b] if isinstance(t, torch.Tensor) and t.dim() and t.shape[0] == target else t
+                for t in out
+            ]
+            return pytree.tree_unflatten(out, variant.out_spec)
+        return None
 
     def _flat_fn(self, *flat):
         args = pytree.tree_unflatten(list(flat), self.in_spec)
@@ -615,7 +683,9 @@ class CompiledFunction:
                 with float64_compute(self.float64):
                     variant = graph.capture(self._flat_fn, fakes_for)
             except Exception as exc:
-                logger.debug("augnet: graph capture failed, running eagerly: %r", exc)
+                logger.debug(
+                    "augnet: graph capture failed, running eagerly: %r", exc, exc_info=True
+                )
                 self.eager = True
                 return None
             self._traces += 1
