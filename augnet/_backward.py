@@ -260,7 +260,7 @@ def _explain_export_failures(model) -> None:
                 f"on the {B.name!r} backend ({type(exc).__name__}: {lines[0][:200]}). A backward "
                 "model exports as a TensorFlow SavedModel where Keras runs on TensorFlow: save "
                 "it here with model.save('backward.keras'), then with KERAS_BACKEND=tensorflow "
-                "run `import augnet, keras; keras.models.load_model('backward.keras')"
+                "run `import augnet; augnet.load_model('backward.keras')"
                 ".export('backward_savedmodel')`."
             ) from None
 

@@ -118,7 +118,7 @@ def capture(fn: Callable, fakes_for: Callable) -> Variant:
         return leaves
 
     with _size_oblivious(), _forward_mode_on_symbolic_sizes(), _quiet_fake_tensors():
-        gm = make_fx(traced, tracing_mode="symbolic")(*fakes)
+        gm = make_fx(torch.func.functionalize(traced), tracing_mode="symbolic")(*fakes)
     symbols = []
     for size in dyn_sizes:
         node = getattr(size, "node", None)

@@ -606,10 +606,14 @@ class CompiledFunction:
                 if variant.accepts(sizes):
                     break
             else:
-                padded = self._padded_call(leaves, sizes)
-                if padded is not None:
-                    return padded
-                variant = self._capture(leaves, sizes)
+                variant = None
+                for exact in (False, True):
+                    padded = self._padded_call(leaves, sizes)
+                    if padded is not None:
+                        return padded
+                    variant = self._capture(leaves, sizes, exact)
+                    if variant is not None or self.eager:
+                        break
             if variant is not None:
                 with torch.no_grad(), forked_rng() if variant.random else _NO_CONTEXT:
                     out = variant.forward(*leaves)
@@ -617,19 +621,20 @@ class CompiledFunction:
         return self._run_eagerly(leaves)
 
     def _padded_call(self, leaves: list, sizes: tuple):
-        """A graph pinned to a batch size (forward mode) runs a smaller batch padded with copies
-        of its last sample, and the results are cut back: samples are independent, so the padding
-        changes no result, and the batch sizes of one job (full batches, then a last smaller one)
-        need one capture."""
+        """A batch that no captured graph holds for runs padded with copies of its last sample, and
+        the results are cut back (samples are independent, so the padding changes no result):
+        batch 1 on a graph that holds for batches of 2 or more (a condition torch's ``vmap``
+        places), and a smaller batch on a graph pinned to one batch size (forward mode), so that
+        a job's batch sizes (full batches, then a last smaller one) need one capture."""
         batch = {sizes[j] for j in self.batch_positions}
         if len(batch) != 1:
             return None
         (b,) = batch
         for variant in self.variants:
             pins = {variant.pinned(j) for j in self.batch_positions} - {None}
-            if len(pins) != 1:
+            if len(pins) > 1:
                 continue
-            (target,) = pins
+            target = pins.pop() if pins else b + 1
             if target <= b:
                 continue
             wanted = list(sizes)
@@ -656,44 +661,45 @@ class CompiledFunction:
         with torch.enable_grad():
             return self.fn(*args)
 
-    def _capture(self, leaves: list, sizes: tuple):
+    def _capture(self, leaves: list, sizes: tuple, exact: bool = False):
+        """Captures a graph for the call's sizes, traced with them as hints (at least 2 unless
+        ``exact``: a size of 1 takes special paths); kept if it holds for other sizes too.
+        Returns it if it holds for ``sizes``, else ``None``."""
         if len(self.variants) >= graph._MAX_VARIANTS:
             self.eager = True
             return None
         from torch.fx.experimental.symbolic_shapes import DimDynamic, StatelessSymbolicContext
 
-        for hints in (tuple(max(s, 2) for s in sizes), sizes):
+        hints = sizes if exact else tuple(max(s, 2) for s in sizes)
 
-            def fakes_for(mode, hints=hints):
-                hint = iter(hints)
-                fakes = []
-                for t, spec in zip(leaves, self.specs):
-                    shape = [next(hint) if d is None else d for d in spec.shape]
-                    context = StatelessSymbolicContext(
-                        dynamic_sizes=[
-                            DimDynamic.DYNAMIC if d is None else DimDynamic.STATIC
-                            for d in spec.shape
-                        ]
-                    )
-                    example = torch.empty(shape, dtype=spec.dtype, device=t.device)
-                    fakes.append(mode.from_tensor(example, symbolic_context=context))
-                return fakes, [fakes[i].shape[axis] for i, axis in self.dynamic]
-
-            try:
-                with float64_compute(self.float64):
-                    variant = graph.capture(self._flat_fn, fakes_for)
-            except Exception as exc:
-                logger.debug(
-                    "augnet: graph capture failed, running eagerly: %r", exc, exc_info=True
+        def fakes_for(mode, hints=hints):
+            hint = iter(hints)
+            fakes = []
+            for t, spec in zip(leaves, self.specs):
+                shape = [next(hint) if d is None else d for d in spec.shape]
+                context = StatelessSymbolicContext(
+                    dynamic_sizes=[
+                        DimDynamic.DYNAMIC if d is None else DimDynamic.STATIC for d in spec.shape
+                    ]
                 )
-                self.eager = True
-                return None
-            self._traces += 1
-            if variant.accepts(sizes):
-                self.variants.append(variant)
-                return variant
-        logger.debug("augnet: captured graphs do not hold for sizes %s, running eagerly", sizes)
-        self.eager = True
+                example = torch.empty(shape, dtype=spec.dtype, device=t.device)
+                fakes.append(mode.from_tensor(example, symbolic_context=context))
+            return fakes, [fakes[i].shape[axis] for i, axis in self.dynamic]
+
+        try:
+            with float64_compute(self.float64):
+                variant = graph.capture(self._flat_fn, fakes_for)
+        except Exception as exc:
+            logger.debug("augnet: graph capture failed, running eagerly: %r", exc, exc_info=True)
+            self.eager = True
+            return None
+        self._traces += 1
+        self.variants.append(variant)
+        if variant.accepts(sizes):
+            return variant
+        if exact:
+            logger.debug("augnet: no captured graph holds for sizes %s, running eagerly", sizes)
+            self.eager = True
         return None
 
     def _run_eagerly(self, leaves: list):
