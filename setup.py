@@ -29,8 +29,10 @@ setup(
         "h5py>=3.8",
     ],
     extras_require={
-        "test": ["pytest>=7"],
         # torch pinned: a plain "torch" can pull a multi-GB CUDA build; 2.13.0 is the CPU wheel here
+        "torch": ["torch==2.13.0"],
+        # the test suite runs the numeric tests on every backend installed (torch's included)
+        "test": ["pytest>=7", "torch==2.13.0"],
         "bench": ["torch==2.13.0", "jax==0.10.2", "jaxlib==0.10.2"],
         "dev": ["pytest>=7", "ruff"],
     },

@@ -4,10 +4,10 @@ capture.
 Implements every function of the contract in ``augnet/_backend/__init__.py`` (read it first); only
 what is particular to torch is said here:
 
-- **The model as a pure function**: :func:`model_state` is the model's variable values
-  (trainable, non-trainable) and :func:`call_model` calls ``model.stateless_call`` with them, so
-  nothing is ever assigned (BatchNorm statistics, seed states), with ``training=True`` too, and
-  compiled blocks receive the weights as arguments.
+- **The model as a pure function**: :func:`model_state` is the values of ``model.variables`` and
+  :func:`call_model` calls the model inside a ``keras.StatelessScope`` holding them, so nothing
+  is ever assigned (BatchNorm statistics, seed states), with ``training=True`` too, and compiled
+  blocks receive the weights as arguments.
 - **Autodiff** is ``torch.func`` (``vjp``, ``jvp``, ``vmap``): functional, composable (the
   vectorised strategies map a VJP function over seeds), and traceable.
 - **Compiled blocks are captured graphs** (``augnet/_backend/_torch_graph.py``): each block is

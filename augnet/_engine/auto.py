@@ -29,8 +29,9 @@ def auto_candidates(target: Target, m: int, training: bool) -> list[str]:
 
     Forward mode alone when a sample's input elements are at most half the selected outputs (a
     tall Jacobian: one pass per input element beats one per output); the loop alone for
-    convolutional networks; the loop with and without XLA for recurrent ones; otherwise the
-    reverse modes, plus forward mode while the input is not much larger than the output. Forward
+    convolutional networks; the loop with and without XLA for recurrent ones (on torch the loop
+    and pfor); otherwise the reverse modes, plus forward mode while the input is not much larger
+    than the output. Forward
     mode is left out with ``training=True`` and recurrent layers where the backend's forward mode
     does not support them (``B.FORWARD_TRAINING``, ``B.FORWARD_RECURRENT``; TensorFlow's fails on
     their loops) and with custom derivative rules (they act in reverse mode). ``"loop_xla"`` only
