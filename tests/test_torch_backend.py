@@ -438,3 +438,23 @@ def _have(module: str) -> bool:
     import importlib.util
 
     return importlib.util.find_spec(module) is not None
+
+
+def test_called_inside_no_grad_and_inference_mode():
+    """A caller's ``torch.no_grad()`` or ``torch.inference_mode()`` neither breaks the Jacobian nor
+    leaks out of it (the captured graph and the eager paths alike)."""
+    model = _mlp("inside_inference_mode")
+    x = RNG.uniform(-1, 1, (3, 4)).astype("float32")
+    reference = reference_jacobian(model, x)
+    for context in (torch.no_grad, torch.inference_mode):
+        with context():
+            for strategy in ("loop", "forward"):
+                np.testing.assert_allclose(
+                    augnet.jacobian(model, torch.as_tensor(x), strategy=strategy), reference, **F32
+                )
+            g = augnet.vjp(model, x, np.ones((3, 3), "float32"))
+            assert not torch.is_grad_enabled()
+        np.testing.assert_allclose(g, reference.sum(axis=1), **F32)
+    model2 = _mlp("first_call_inside_inference_mode")  # the same weights (the same seed)
+    with torch.inference_mode():  # the capture itself inside inference mode
+        np.testing.assert_allclose(augnet.jacobian(model2, x), reference, **F32)

@@ -301,11 +301,11 @@ def parameter_vjp(model, variables: Sequence, f: Callable):
         state[i] = leaf
         leaves.append(leaf)
     f64 = _any_float64(state)
-    with torch.enable_grad(), float64_compute(f64):
+    with _recording(), float64_compute(f64):
         y = f(state)
 
     def vjp_fn(cotangent):
-        with float64_compute(f64):
+        with _recording(), float64_compute(f64):
             grads = torch.autograd.grad(
                 y, leaves, grad_outputs=cotangent, retain_graph=True, allow_unused=True
             )
@@ -317,6 +317,21 @@ def parameter_vjp(model, variables: Sequence, f: Callable):
 # --------------------------------------------------------------------------------------------------
 # Autodiff
 # --------------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _recording():
+    """Autograd on, also inside a caller's ``torch.no_grad()`` or ``torch.inference_mode()``."""
+    with torch.inference_mode(False), torch.enable_grad():
+        yield
+
+
+def _recordable(xs: list) -> list:
+    """Tensors made inside ``torch.inference_mode()`` cannot be recorded: copies of them."""
+    if not any(isinstance(t, torch.Tensor) and t.is_inference() for t in xs):
+        return xs
+    with torch.inference_mode(False):
+        return [t.clone() if isinstance(t, torch.Tensor) and t.is_inference() else t for t in xs]
 
 
 def _positional(f: Callable) -> Callable:
@@ -332,11 +347,11 @@ def vjp(f: Callable[[list], torch.Tensor], xs: Sequence[torch.Tensor]):
     """
     xs = list(xs)
     f64 = _any_float64(xs)
-    with torch.enable_grad(), float64_compute(f64):
-        y, fn = torch.func.vjp(_positional(f), *xs)
+    with _recording(), float64_compute(f64):
+        y, fn = torch.func.vjp(_positional(f), *_recordable(xs))
 
     def vjp_fn(cotangent):
-        with float64_compute(f64):
+        with _recording(), float64_compute(f64):
             return list(fn(cotangent))
 
     return y, vjp_fn
@@ -345,10 +360,10 @@ def vjp(f: Callable[[list], torch.Tensor], xs: Sequence[torch.Tensor]):
 def jvp(f: Callable[[list], torch.Tensor], xs: Sequence[torch.Tensor], tangents: Sequence):
     """Forward mode (``torch.func.jvp``): ``(y, ∂y/∂x · tangents)``; a tangent of ``None`` holds
     that input constant."""
-    xs = list(xs)
+    xs = _recordable(list(xs))
     tangents = [torch.zeros_like(x) if t is None else t for x, t in zip(xs, tangents)]
     try:
-        with float64_compute(_any_float64(xs)), _math_attention():
+        with _recording(), float64_compute(_any_float64(xs)), _math_attention():
             return torch.func.jvp(_positional(f), tuple(xs), tuple(tangents))
     except NotImplementedError as exc:
         raise ValueError(
@@ -372,9 +387,9 @@ def _math_attention():
 def jvp_by_vjp(f: Callable[[list], torch.Tensor], xs: Sequence[torch.Tensor], tangents: Sequence):
     """``J·v`` in reverse mode (the double-VJP trick, ``J·v = ∂/∂u (uᵀJ·v)``): respects derivative
     rules, which forward mode does not run."""
-    xs = list(xs)
+    xs = _recordable(list(xs))
     tangents = [torch.zeros_like(x) if t is None else t for x, t in zip(xs, tangents)]
-    with torch.enable_grad(), float64_compute(_any_float64(xs)):
+    with _recording(), float64_compute(_any_float64(xs)):
         y, fn = torch.func.vjp(_positional(f), *xs)
         _, transpose = torch.func.vjp(fn, torch.zeros_like(y))
         (y_dot,) = transpose(tuple(tangents))
@@ -494,11 +509,13 @@ def connected_outputs(f: Callable, xs: Sequence[torch.Tensor]):
     ``True`` where that floating output has a gradient path to any of ``xs`` (a zero derivative
     such as ``relu``'s at its kink is a path; ``round``, ``floor``, ``sign``, integer casts and
     ``stop_gradient`` are not)."""
-    leaves = [
-        x.detach().requires_grad_(True) if is_float_tensor(x) else x for x in (list(xs) or [])
-    ]
+    with _recording():
+        leaves = [
+            x.detach().clone().requires_grad_(True) if is_float_tensor(x) else x
+            for x in (list(xs) or [])
+        ]
     targets = {id(x) for x in leaves if isinstance(x, torch.Tensor) and x.requires_grad}
-    with torch.enable_grad(), float64_compute(_any_float64(leaves)):
+    with _recording(), float64_compute(_any_float64(leaves)):
         y = f(leaves)
     flags = []
     for out in keras.tree.flatten(y):
@@ -657,8 +674,8 @@ class CompiledFunction:
         return None
 
     def _flat_fn(self, *flat):
-        args = pytree.tree_unflatten(list(flat), self.in_spec)
-        with torch.enable_grad():
+        args = pytree.tree_unflatten(_recordable(list(flat)), self.in_spec)
+        with _recording():
             return self.fn(*args)
 
     def _capture(self, leaves: list, sizes: tuple, exact: bool = False):
