@@ -21,7 +21,7 @@ from typing import NamedTuple
 import keras
 import numpy as np
 
-from augnet import _engine
+from augnet import _backend, _engine
 from augnet._errors import format_shape, invalid_value
 from augnet._structure import SINGLE, flatten, unflatten
 
@@ -105,7 +105,9 @@ def layer_jacobians(model, x, *, derivatives=None, **engine_kwargs) -> dict:
     out = {}
     for layer in layers:
         out[layer.name] = _engine.jacobian(layer, a, derivatives=derivatives, **engine_kwargs)
-        a = keras.ops.convert_to_numpy(layer(keras.ops.convert_to_tensor(a), training=False))
+        # Through the seam, as the engine calls layers (float64 computed in float64 on torch).
+        a_t = keras.ops.convert_to_tensor(a)
+        a = _backend.to_numpy(_backend.call_model(layer, _backend.model_state(layer), a_t, False))
     return out
 
 

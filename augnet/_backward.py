@@ -239,7 +239,32 @@ def backward_model(model, gradient=None, *, jacobian: bool = False, derivatives=
         )
         args = inputs
     outputs = layer(args if len(args) > 1 else args[0])
-    return keras.Model(inputs=inputs if len(inputs) > 1 else inputs[0], outputs=outputs, name=name)
+    bm = keras.Model(inputs=inputs if len(inputs) > 1 else inputs[0], outputs=outputs, name=name)
+    if B.name != "tensorflow":
+        _explain_export_failures(bm)
+    return bm
+
+
+def _explain_export_failures(model) -> None:
+    """Off TensorFlow, Keras's ``export`` may fail (Keras 3.15 cannot export even a plain model on
+    torch 2.13 here): turn the framework's traceback into what to do instead."""
+    keras_export = model.export
+
+    def export(filepath, format="tf_saved_model", **kwargs):
+        try:
+            return keras_export(filepath, format=format, **kwargs)
+        except Exception as exc:
+            lines = str(exc).strip().splitlines() or [""]
+            raise RuntimeError(
+                f"Exporting backward model {model.name!r} (format={format!r}) failed with Keras "
+                f"on the {B.name!r} backend ({type(exc).__name__}: {lines[0][:200]}). A backward "
+                "model exports as a TensorFlow SavedModel where Keras runs on TensorFlow: save "
+                "it here with model.save('backward.keras'), then with KERAS_BACKEND=tensorflow "
+                "run `import augnet; augnet.load_model('backward.keras')"
+                ".export('backward_savedmodel')`."
+            ) from None
+
+    object.__setattr__(model, "export", export)
 
 
 def _clean(name, fallback: str) -> str:

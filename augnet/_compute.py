@@ -139,9 +139,10 @@ def _jacobian(model, x, config: BatchConfig, on_progress, check_stop, weight: fl
     import numpy as np
 
     import augnet
+    from augnet import _backend
 
     b = len(x)
-    preds = np.asarray(model(x, training=False)).reshape(b, -1)
+    preds = _backend.to_numpy(model(x, training=False)).reshape(b, -1)
     jac = np.empty((b, config.k, *x.shape[1:]), dtype=np.float32)
     idx = np.empty((b, config.k), dtype=np.int64)
     total = b * config.k

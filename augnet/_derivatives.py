@@ -229,9 +229,9 @@ def blocking_error(layers: list, where: str = "") -> GradientPathError:
     first = type(layers[0]).__name__
     return GradientPathError(
         f"Layer {names}{where} has no gradient path from its input to its output (an op "
-        "without a registered gradient, such as tf.round, a cast to an integer type, "
-        "tf.numpy_function or tf.stop_gradient), so every Jacobian through it would be silently "
-        "zero. Declare its derivative with augnet.register_derivative("
+        "without a gradient or with a zero one everywhere, such as round, floor, sign, a cast to "
+        "an integer type, a NumPy call (tf.numpy_function) or stop_gradient), so every Jacobian "
+        "through it would be silently zero. Declare its derivative with augnet.register_derivative("
         f"{first})(rule) or pass derivatives={{{first}: rule}}, e.g. rule=1.0 for a "
         f"straight-through estimator, or rule=0.0 if a zero derivative is intended."
     )

@@ -147,7 +147,7 @@ def sensitivity_lines(
     import numpy as np
 
     import augnet
-    from augnet import _analysis, _engine, _imageio, _runner
+    from augnet import _analysis, _backend, _engine, _imageio, _runner
     from augnet._compute import without_zero_warning
     from augnet._progress import Progress
 
@@ -161,7 +161,7 @@ def sensitivity_lines(
         spec = None
     x, _ = _imageio.load_batch(items[:1], in_shape, spec)
     n_out = math.prod(out_shape) if out_shape else 1
-    prediction = np.asarray(model(x, training=False)).reshape(-1)
+    prediction = _backend.to_numpy(model(x, training=False)).reshape(-1)
     J = None
     with (
         _runner.StopFlag() as stop,
@@ -259,4 +259,7 @@ def describe(model, path: str) -> list[str]:
         lines.append("differentiable with respect to the input: NO")
         lines.extend(f"  - {p}" for p in report["problems"])
     lines.extend(f"note: {n}" for n in report["notes"])
+    from augnet import _backend
+
+    lines.append(f"backend: Keras on {_backend.name}; devices: {', '.join(_backend.devices())}")
     return lines

@@ -234,6 +234,11 @@ def load_model(
             f"directory; received a file with suffix {path.suffix!r}."
         )
     _check_container(path)
+    # augnet's own layers (backward models, derivative-rule layers) register themselves with
+    # Keras when their modules are imported; a fresh process may not have imported them yet.
+    import augnet._backward  # noqa: F401
+    import augnet._layers  # noqa: F401
+
     try:
         model = keras.models.load_model(
             path, compile=compile, safe_mode=safe_mode, custom_objects=custom_objects

@@ -100,7 +100,12 @@ def check_numeric(leaf: Any, name: str) -> np.dtype:
     try:
         np_dtype = np.dtype(np_dtype)
     except TypeError as exc:
-        raise TypeError(f"`{name}` has dtype {dtype}, which is not numeric.") from exc
+        # A framework's dtype object NumPy does not take (torch.float32): by its name.
+        base = str(dtype).rsplit(".", 1)[-1]
+        try:
+            np_dtype = np.dtype("float32" if base == "bfloat16" else base)
+        except TypeError:
+            raise TypeError(f"`{name}` has dtype {dtype}, which is not numeric.") from exc
     if np_dtype.kind in "OUSV" or np_dtype == np.bool_:
         raise TypeError(
             f"`{name}` must be a numeric (float or integer) array; received dtype {np_dtype}"

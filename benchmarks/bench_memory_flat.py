@@ -220,7 +220,9 @@ def main(argv=None) -> int:
             ref_argv = [sys.executable, "-c", _REF_CHILD, str(ref_path), "jacobian", str(model)]
             ref_argv += [str(folder), "--out", str(ref_out), "--format", args.format, "-q"]
             ref_argv += ["--no-contact-sheet", "--batch-size", str(args.batch_size)]
-            ref_argv += ["--strategy", "loop"] + (["--outputs", args.outputs] if args.outputs else [])
+            ref_argv += ["--strategy", "loop"] + (
+                ["--outputs", args.outputs] if args.outputs else []
+            )
             row["ref_peak"], row["ref_wall"] = _run_child(ref_argv)
             shutil.rmtree(ref_out, ignore_errors=True)
         shutil.rmtree(out, ignore_errors=True)

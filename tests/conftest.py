@@ -80,7 +80,38 @@ def to_numpy(value):
 def predict(model, x):
     """``model(x, training=False)`` as NumPy (called directly: ``predict()`` would pass float64
     inputs through float32)."""
-    return to_numpy(model(x, training=False))
+    with float64_compute(x):
+        return to_numpy(model(x, training=False))
+
+
+@contextlib.contextmanager
+def float64_compute(values):
+    """Computes float64 in float64 while the block runs, where ``values`` hold float64 arrays.
+
+    Keras 3.15's type promotion maps float64 to float32 on every backend but TensorFlow
+    (``keras.src.backend.common.dtypes.BIT64_TO_BIT32_DTYPE``), so there ``keras.ops.matmul`` of
+    two float64 tensors, and with it every float64 ``Dense`` layer, computes in float32. augnet
+    computes float64 models in float64 on every backend (it lifts that mapping while it runs
+    one); the references do the same, independently, so that float64 tests compare float64
+    numbers. A no-op on TensorFlow.
+    """
+    import keras
+
+    leaves = keras.tree.flatten(values)
+    if backend() == "tensorflow" or not any(
+        "float64" in str(getattr(v, "dtype", "")) for v in leaves
+    ):
+        yield
+        return
+    from keras.src.backend.common import dtypes
+
+    table = dtypes.BIT64_TO_BIT32_DTYPE
+    saved = table.get("float64")
+    table["float64"] = "float64"
+    try:
+        yield
+    finally:
+        table["float64"] = saved
 
 
 @pytest.fixture(autouse=True)
@@ -204,9 +235,10 @@ def _m(shape) -> int:
 def _call(model, xs, training):
     import keras
 
-    if isinstance(model, keras.layers.Layer):
-        return model(xs, training=training)
-    return model(xs)
+    with float64_compute(xs):
+        if isinstance(model, keras.layers.Layer):
+            return model(xs, training=training)
+        return model(xs)
 
 
 def _tf_loop(model, leaves, rebuild_in, training):
@@ -356,8 +388,9 @@ def reference_weight_gradients(model, x, scalar):
         return [np.asarray(g) for g in jax.grad(f)([v.value for v in model.trainable_variables])]
     import torch
 
-    value = scalar(model(x, training=False))
-    grads = torch.autograd.grad(value, [w.value for w in weights], allow_unused=True)
+    with float64_compute(x):
+        value = scalar(model(x, training=False))
+        grads = torch.autograd.grad(value, [w.value for w in weights], allow_unused=True)
     return [
         np.zeros(tuple(w.shape)) if g is None else g.detach().cpu().numpy()
         for g, w in zip(grads, weights)

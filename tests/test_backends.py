@@ -56,6 +56,8 @@ NUMERIC_SUITE = [
     "test_mixed_precision.py",
     "test_jax.py",  # (skipped on the other backends)
 ]
+# Tests of one backend's particulars, run in that backend's subprocess too.
+BACKEND_SUITE = {"torch": ["test_torch_backend.py"]}
 FRAMEWORK = {"tensorflow": "tensorflow", "jax": "jax", "torch": "torch"}
 SUBRUN = "AUGNET_TEST_BACKEND_SUBRUN"  # set in the subprocesses: no runs within runs
 TIMEOUT_S = 900  # per backend; the whole README run (all backends) must stay under 20 minutes
@@ -78,7 +80,8 @@ def _tail(text: str, lines: int = 60) -> str:
 
 
 def test_numeric_suite_files_exist():
-    missing = [f for f in NUMERIC_SUITE if not (TESTS / f).exists()]
+    extra = [f for files in BACKEND_SUITE.values() for f in files]
+    missing = [f for f in NUMERIC_SUITE + extra if not (TESTS / f).exists()]
     assert not missing, f"NUMERIC_SUITE lists files that do not exist: {missing}"
 
 
@@ -96,7 +99,7 @@ def test_numeric_suite_on_backend(name):
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider"]
     if name != "tensorflow":
         cmd += ["-m", "not tensorflow_only"]
-    cmd += [f"tests/{f}" for f in NUMERIC_SUITE]
+    cmd += [f"tests/{f}" for f in NUMERIC_SUITE + BACKEND_SUITE.get(name, [])]
     t0 = time.perf_counter()
     try:
         proc = subprocess.run(

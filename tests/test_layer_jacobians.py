@@ -8,7 +8,7 @@ from __future__ import annotations
 import keras
 import numpy as np
 import pytest
-from conftest import f64_activation, reference_weight_gradients, to_numpy
+from conftest import f64_activation, predict, reference_weight_gradients, to_numpy
 
 import augnet
 
@@ -105,7 +105,7 @@ def test_wrt_with_skip_connection_closed_form():
     model = _residual()
     x = np.random.default_rng(5).normal(size=(3, 3))
     J = augnet.jacobian(model, x, wrt="a", strategy="loop")
-    a = to_numpy(augnet.intermediate_model(model, "a")(x))
+    a = predict(augnet.intermediate_model(model, "a"), x)
     Wb, bb = (to_numpy(w) for w in model.get_layer("b").weights)
     Wo = model.get_layer("out").kernel.numpy()
     for i in range(3):
@@ -158,8 +158,9 @@ def test_parameter_gradients_of_a_loss_against_reference():
     kernel, bias = model.get_layer("g").kernel, model.get_layer("k").bias
     index = {v.path: i for i, v in enumerate(model.trainable_weights)}
     for b in range(4):
+        target = keras.ops.convert_to_tensor(y[b : b + 1])  # (a NumPy operand fails on torch)
         ref = reference_weight_gradients(
-            model, x[b : b + 1], lambda out, b=b: keras.ops.mean((out - y[b : b + 1]) ** 2)
+            model, x[b : b + 1], lambda out, t=target: keras.ops.mean(keras.ops.square(out - t))
         )
         np.testing.assert_allclose(grads[kernel.path][b], ref[index[kernel.path]], **TOL64)
         np.testing.assert_allclose(grads[bias.path][b], ref[index[bias.path]], **TOL64)

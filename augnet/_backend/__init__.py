@@ -34,14 +34,15 @@ The model as a pure function (how a Keras model becomes ``(state, xs) -> ys``):
   every call* and passed as the first argument of every compiled block, so that weights changed
   later by ``fit`` are seen and no traced value is ever stored in a Keras variable. TensorFlow:
   ``()`` (``tf.function`` reads variables by reference). JAX: ``([v.value for v in
-  model.trainable_variables], [v.value for v in model.non_trainable_variables])``. torch: ``()``
-  or the parameters for ``torch.func.functional_call``.
+  model.trainable_variables], [v.value for v in model.non_trainable_variables])``. torch: one
+  list, the values of ``model.variables`` (the compiled graphs take the weights as arguments).
 - ``call_model(model, state, inputs, training) -> outputs``: calls ``model`` on ``inputs`` (the
   model's own nesting) with no side effect: no BatchNorm statistic, seed state or any other
   variable may change, with ``training=True`` too. TensorFlow: ``model(inputs,
   training=False)``, or ``stateless_call`` for ``training=True``. JAX: ``model.stateless_call(
   *state, inputs, training=training)[0]`` (the new state is dropped). torch: the model's call
-  with inference semantics (and ``stateless_call`` or a state snapshot for ``training=True``).
+  inside a ``keras.StatelessScope`` holding the state (with ``training=True`` on a fork of torch's
+  random state).
 - ``parameter_vjp(model, variables, f) -> (y, vjp_fn)`` *eager*: ``y = f(state)`` with ``f`` the
   engine's pure function of the state; ``vjp_fn(u) -> [grad per variable]``, dense (zeros where
   unconnected), for ``variables`` a subset of ``model.trainable_variables``.

@@ -29,8 +29,9 @@ def auto_candidates(target: Target, m: int, training: bool) -> list[str]:
 
     Forward mode alone when a sample's input elements are at most half the selected outputs (a
     tall Jacobian: one pass per input element beats one per output); the loop alone for
-    convolutional networks; the loop with and without XLA for recurrent ones; otherwise the
-    reverse modes, plus forward mode while the input is not much larger than the output. Forward
+    convolutional networks; the loop with and without XLA for recurrent ones (on torch the loop
+    and pfor); otherwise the reverse modes, plus forward mode while the input is not much larger
+    than the output. Forward
     mode is left out with ``training=True`` and recurrent layers where the backend's forward mode
     does not support them (``B.FORWARD_TRAINING``, ``B.FORWARD_RECURRENT``; TensorFlow's fails on
     their loops) and with custom derivative rules (they act in reverse mode). ``"loop_xla"`` only
@@ -55,6 +56,10 @@ def auto_candidates(target: Target, m: int, training: bool) -> list[str]:
         return ["loop"]
     xla = ["loop_xla"] if B.XLA_OPTIONAL else []
     if target.recurrent:
+        if B.name == "torch":
+            # torch (benchmarks/README.md): the backward passes vectorised over the seeds (pfor)
+            # beat the loop ~1.7x on the LSTM case, and capturing them takes about a second.
+            return ["loop", "pfor"]
         # XLA makes the loop 3-6x faster on the LSTM benchmark; pfor was 4x slower than that and
         # took ~9 s to trace, so timing it would only lengthen the first call.
         return ["loop", *xla]
