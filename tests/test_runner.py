@@ -111,14 +111,15 @@ def _options(model, inputs, out, **kw):
 
 def test_batches_computed_anywhere_in_any_order_give_the_same_files(tiny_model, images, tmp_path):
     """What a Ray scheduler does: plan on the driver, compute batches elsewhere (pickled there and
-    back), in any order, some twice, and commit them on the driver: the folder is byte-identical
-    to the one-process run's."""
+    back), in any order, some twice, and commit them on the driver inside the runner's shared
+    frame (`scheduling`): the folder, its report page included, is byte-identical to the
+    one-process run's."""
     model = _runner.load_model(tiny_model)
-    serial = tmp_path / "serial"
+    serial = tmp_path / "a" / "out"  # same folder name: the page's title is the folder's name
     plan, _ = _runner.plan_run(_options(tiny_model, images, serial), model=model)
     _runner.run_plan(plan, model, quiet=True)
 
-    out = tmp_path / "spread"
+    out = tmp_path / "b" / "out"
     plan, _ = _runner.plan_run(_options(tiny_model, images, out), model=model)
     assert [b.batch_id for b in plan.todo] == [0, 1, 2, 3]
     assert [len(b.items) for b in plan.todo] == [2, 2, 2, 1]
@@ -130,12 +131,13 @@ def test_batches_computed_anywhere_in_any_order_give_the_same_files(tiny_model, 
         result = _runner.compute_batch(model, shipped, config)
         results.append(pickle.loads(pickle.dumps(result)))
     assert sorted(out.rglob("*")) == before  # computing touches no file of the folder
-    for result in results:
-        assert _runner.commit_batch(plan.store, result) is True
-    assert _runner.commit_batch(plan.store, results[1]) is False  # redone: written once
-    plan.store.finish()
-    plan.close()
+    with _runner.scheduling(plan, quiet=True) as run:
+        assert (out / "index.html").exists()  # the page, before the first batch
+        for result in results:
+            assert run.commit(result) is True
+        assert run.commit(results[1]) is False  # redone: written once
     assert _files(out) == _files(serial)
+    assert {"index.html", "index_files/rows-000000.js"} <= set(_files(out))
     assert not (out / _safeio.LOCK_NAME).exists()
 
 
@@ -300,7 +302,7 @@ def test_resume_follows_content_and_keeps_index_and_folder_in_step(
     os.utime(target, ns=(st.st_atime_ns, st.st_mtime_ns))
     assert run(capsys, *_args(tiny_model, images, out), "--resume")[0] == 0
     assert computed == [["img2", "img3"]]  # its batch only
-    fresh = tmp_path / "fresh"
+    fresh = tmp_path / "fresh" / "out"  # the page's title is the folder's name
     assert run(capsys, *_args(tiny_model, images, fresh))[0] == 0
     assert _files(out) == _files(fresh)  # as if run from scratch
 
@@ -317,7 +319,7 @@ def test_resume_follows_content_and_keeps_index_and_folder_in_step(
     ]
     assert summary == names
     assert not (out / "img0").exists() and not (out / "img5").exists()
-    fresh2 = tmp_path / "fresh2"
+    fresh2 = tmp_path / "fresh2" / "out"
     assert run(capsys, *_args(tiny_model, images, fresh2))[0] == 0
     assert _files(out) == _files(fresh2)
 
