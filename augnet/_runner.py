@@ -726,9 +726,11 @@ def scheduling(
     stats = plan.stats
     total = sum(len(bt.items) for bt in plan.todo)
     started = time.monotonic()
+    page = False  # the page is this run's to finish (it was written before the first batch)
     try:
         if report:
             start_report(plan)
+            page = True
         with (
             StopFlag() as stop,
             Progress(
@@ -741,7 +743,7 @@ def scheduling(
                 stats.interrupted = stop.signum or signal.SIGINT
     finally:
         stats.seconds = time.monotonic() - started
-        _close(plan, report)
+        _close(plan, page)
 
 
 def run_plan(
