@@ -522,6 +522,7 @@ class _Worker:
     busy: int = 0  # calls in flight
     last_end: float = 0.0  # wall clock of its last finished batch
     cause: str = ""
+    restarts: int = 0  # times it died while loading the model
 
 
 @dataclass
@@ -671,7 +672,13 @@ class _Driver:
         try:
             info = self.ray.get(ref)
         except Exception as exc:
-            w.state, w.cause = "dead", _cause(exc)
+            w.cause = _cause(exc)
+            w.restarts += 1
+            restarting = "ActorUnavailableError" in {c.__name__ for c in type(exc).__mro__}
+            if restarting and w.restarts <= MAX_RESTARTS:  # died while loading: Ray restarts it
+                w.probe = w.handle.load.remote(*self.model_args)
+                return
+            w.state = "dead"
             if not any(x.state != "dead" for x in self.workers):
                 raise ClusterError(self._all_gone()) from None
             logger.warning("worker %d is gone (%s); the run goes on without it", w.index, w.cause)

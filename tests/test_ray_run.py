@@ -176,6 +176,91 @@ def test_parse_address():
             _ray_run.parse_address(bad)
 
 
+def test_cluster_options_are_checked():
+    assert _ray_run.Cluster(workers=2, worker_cpus=2.5).threads == 2
+    assert _ray_run.Cluster(worker_cpus=0.5).threads == 1
+    for bad in ({"workers": 0}, {"workers": 1.5}, {"worker_cpus": 0}, {"worker_gpus": -1}):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            _ray_run.Cluster(**bad)
+
+
+def test_which_failures_mean_a_lost_worker():
+    def error(*names):
+        return type(
+            names[0], tuple(type(n, (Exception,), {}) for n in names[1:]) or (Exception,), {}
+        )()
+
+    for lost in ("ActorDiedError", "ActorUnavailableError", "ObjectLostError", "NodeDiedError"):
+        assert _ray_run._is_lost(error(lost, "RayActorError")), lost
+    assert _ray_run._is_lost(error("ObjectReconstructionFailedError", "ObjectLostError"))
+    assert not _ray_run._is_lost(error("RayTaskError(ValueError)", "RayTaskError", "ValueError"))
+    assert not _ray_run._is_lost(ValueError("a bad image"))
+
+
+def test_a_worker_is_plain_python_and_computes_what_the_runner_computes(data, tmp_path):
+    """BatchWorker without Ray: the model from packed bytes (the worker's copy removed at once),
+    the same result as compute_batch, a model that cannot load reported, not raised."""
+    import pickle
+
+    from augnet import _runner, _safeio
+
+    model, images = data
+    options = _runner.RunOptions(
+        model=str(model),
+        inputs=(str(images),),
+        out=str(tmp_path / "o"),
+        batch_size=4,
+        strategy="loop",
+        formats=("png", "npy"),
+    )
+    plan, driver_model = _runner.plan_run(options, load=lambda o: _runner.load_model(o.model))
+    plan.close()
+    packed = _ray_run.pack_model(model, _safeio.hash_file(model))
+    worker = _ray_run.BatchWorker(1, False, 1, {})
+    info = worker.load(*packed)
+    assert info["ok"] and info["error"] is None and f"pid {os.getpid()}" in info["where"]
+    assert info["versions"] == _ray_run.versions()
+    batch = _runner.with_payload(plan.todo[1], plan.config)
+    result, started, ended = worker.compute(pickle.loads(pickle.dumps(batch)), plan.config)
+    expected = _runner.compute_batch(driver_model, plan.todo[1], plan.config)
+    assert ended >= started
+    assert [i.files for i in result.inputs] == [i.files for i in expected.inputs]
+    assert [i.summary for i in result.inputs] == [i.summary for i in expected.inputs]
+    np.testing.assert_array_equal(result.jacobian, expected.jacobian)
+    broken = _ray_run.BatchWorker(2, False, 1, {}).load("broken.keras", b"not a zip", False)
+    assert not broken["ok"] and "broken.keras" in broken["error"]
+    assert "augnet-worker-" not in broken["error"]  # the worker's temporary path is not shown
+    with pytest.raises(_ray_run.ClusterError, match="changed while the run was being planned"):
+        _ray_run.pack_model(model, "b2:" + "0" * 32)
+
+
+def test_a_savedmodel_folder_travels_as_a_tar(tmp_path):
+    import io
+    import tarfile
+
+    from augnet import _safeio
+
+    folder = tmp_path / "exported"
+    (folder / "variables").mkdir(parents=True)
+    (folder / "saved_model.pb").write_bytes(b"graph")
+    (folder / "variables" / "variables.index").write_bytes(b"index")
+    name, blob, is_dir = _ray_run.pack_model(folder, None)
+    assert (name, is_dir) == ("exported", True)
+    there = tmp_path / "worker"
+    there.mkdir()
+    unpacked = _ray_run._unpack_model(there, name, blob, is_dir)
+    assert _safeio.hash_tree(unpacked) == _safeio.hash_tree(folder)
+    evil = io.BytesIO()
+    with tarfile.open(fileobj=evil, mode="w:") as tar:
+        info = tarfile.TarInfo("../escaped")
+        info.size = 1
+        tar.addfile(info, io.BytesIO(b"x"))
+    (tmp_path / "w2").mkdir()
+    with pytest.raises(_ray_run.ClusterError, match="unexpected entry"):
+        _ray_run._unpack_model(tmp_path / "w2", "m", evil.getvalue(), True)
+    assert not (tmp_path / "escaped").exists()
+
+
 # --------------------------------------------------------------------------------------------
 # On a cluster of separate node processes
 # --------------------------------------------------------------------------------------------
@@ -212,6 +297,14 @@ def test_two_workers_write_what_one_process_writes(data, reference, tmp_path):
     assert sorted(s["input"] for s in summary) == sorted(f"im{i}.png" for i in range(N_IMAGES))
     results = _store.load_results(out)
     assert len(results) == N_IMAGES and results.jacobian(0).shape == (3, 16, 16, 1)
+    # two batches never wrote the same file: each result file is in exactly one batch record
+    owner: dict[str, int] = {}
+    for record in sorted((out / "batches").glob("*.json")):
+        for rel in json.loads(record.read_text())["files"]:
+            assert rel not in owner, (rel, owner.get(rel), record.name)
+            owner[rel] = int(record.stem)
+    written = {k for k in files(out) if "/" in k and not k.startswith(("batches/", "index_files/"))}
+    assert set(owner) == written and len(set(owner.values())) == 13
 
 
 def _busy_workers() -> list[int]:
