@@ -348,13 +348,14 @@ class BatchWorker:
             "load_seconds": self.load_seconds,
         }
 
-    def compute(self, batch, config) -> tuple[Any, float, float]:
-        """``(BatchResult, started, ended)`` (wall clock, for the figures) of one batch."""
+    def compute(self, batch, config) -> tuple[Any, float, float, float]:
+        """``(BatchResult, started, ended, cpu)`` of one batch: the wall clock when it started
+        and ended, and the CPU seconds this process spent on it (for the figures)."""
         if self.model is None:
             raise RuntimeError(f"worker {self.index} has no model: load() first")
-        started = time.time()
+        started, cpu = time.time(), time.process_time()
         result = _runner.compute_batch(self.model, batch, config)
-        return result, started, time.time()
+        return result, started, time.time(), time.process_time() - cpu
 
 
 # --------------------------------------------------------------------------------------------
@@ -496,7 +497,8 @@ class RayRunStats(_runner.RunStats):
         failures: one line per batch lost with its worker (and sent again).
         redone: batches sent again after their worker died.
         timing: the last :data:`TIMING_KEPT` batches' figures, seconds each: ``read`` (the
-            driver reading the inputs), ``compute`` (on the worker), ``dispatch`` (from when the
+            driver reading the inputs), ``compute`` (on the worker; ``cpu``: the CPU seconds of
+            the worker's process meanwhile), ``dispatch`` (from when the
             worker could start it until it did), ``fetch`` (from its end on the worker until the
             driver held the result), ``commit`` (writing it and the page).
     """
@@ -508,7 +510,7 @@ class RayRunStats(_runner.RunStats):
     timing: dict[str, collections.deque] = field(
         default_factory=lambda: {
             k: collections.deque(maxlen=TIMING_KEPT)
-            for k in ("read", "compute", "dispatch", "fetch", "commit")
+            for k in ("read", "compute", "cpu", "dispatch", "fetch", "commit")
         }
     )
 
@@ -626,7 +628,7 @@ class _Driver:
         w = flight.worker
         w.busy -= 1
         try:
-            result, started, ended = self.ray.get(ref)
+            result, started, ended, cpu = self.ray.get(ref)
         except Exception as exc:
             if not _is_lost(exc):
                 cause = getattr(exc, "cause", None)
@@ -638,6 +640,7 @@ class _Driver:
         received = time.time()
         timing = self.stats.timing
         timing["compute"].append(ended - started)
+        timing["cpu"].append(cpu)
         timing["dispatch"].append(max(0.0, started - max(flight.submitted, w.last_end)))
         timing["fetch"].append(max(0.0, received - ended))
         w.last_end = ended

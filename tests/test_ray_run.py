@@ -221,9 +221,9 @@ def test_a_worker_is_plain_python_and_computes_what_the_runner_computes(data, tm
     assert info["ok"] and info["error"] is None and f"pid {os.getpid()}" in info["where"]
     assert info["versions"] == _ray_run.versions()
     batch = _runner.with_payload(plan.todo[1], plan.config)
-    result, started, ended = worker.compute(pickle.loads(pickle.dumps(batch)), plan.config)
+    result, started, ended, cpu = worker.compute(pickle.loads(pickle.dumps(batch)), plan.config)
     expected = _runner.compute_batch(driver_model, plan.todo[1], plan.config)
-    assert ended >= started
+    assert ended >= started and cpu > 0
     assert [i.files for i in result.inputs] == [i.files for i in expected.inputs]
     assert [i.summary for i in result.inputs] == [i.summary for i in expected.inputs]
     np.testing.assert_array_equal(result.jacobian, expected.jacobian)
