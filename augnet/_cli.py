@@ -407,6 +407,79 @@ def _model_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _ray_address(text: str) -> str:
+    from augnet._ray_run import parse_address  # standard library only at import
+
+    try:
+        return parse_address(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not (value > 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"expected a positive number, received {text!r}")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not (value >= 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, received {text!r}")
+    return value
+
+
+def _ray_parser() -> argparse.ArgumentParser:
+    """Options of `jacobian` for the distributed run on a Ray cluster (augnet/_ray_run.py)."""
+    p = _Parser(add_help=False)
+    g = p.add_argument_group(
+        "on a Ray cluster",
+        "Spread the batches over Ray workers, each loading the model once; this process plans, "
+        'and writes the same files as the one-process run (pip install "augnet[ray]"). '
+        "Workers need augnet installed, not the inputs' or the output folder's file system.",
+    )
+    g.add_argument(
+        "--ray",
+        nargs="?",
+        const="local",
+        default=None,
+        type=_ray_address,
+        metavar="ADDRESS",
+        help="run on the Ray cluster at ADDRESS (HOST:PORT of its head, or auto); --ray alone "
+        "starts a local cluster on 127.0.0.1 for the run. Write it after the inputs",
+    )
+    g.add_argument(
+        "--workers",
+        type=_positive_int,
+        default=None,
+        metavar="N",
+        help="number of workers (default: as many as the cluster's CPUs allow; locally, one per "
+        "core)",
+    )
+    g.add_argument(
+        "--worker-cpus",
+        type=_positive_float,
+        default=None,
+        metavar="CPUS",
+        help="CPUs per worker, Ray's num_cpus; also its framework threads (default 1)",
+    )
+    g.add_argument(
+        "--worker-gpus",
+        type=_non_negative_float,
+        default=None,
+        metavar="GPUS",
+        help="GPUs per worker, Ray's num_gpus (default 0)",
+    )
+    return p
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``augnet`` argument parser (standard library only)."""
     common = _common_parser()
@@ -449,7 +522,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     jac = sub.add_parser(
         "jacobian",
-        parents=[common, _model_parser(), _input_parser(), _job_parser(), _logits_parser()],
+        parents=[common, _model_parser(), _input_parser(), _job_parser(), _logits_parser(), _ray_parser()],
         help="saliency maps, contact sheets and raw Jacobians for images or arrays",
         description="Compute the exact Jacobian d outputs / d input of MODEL for every INPUT "
         "and write, per input, one saliency PNG per selected output and a contact sheet "
@@ -653,8 +726,11 @@ def run_options(args: argparse.Namespace, *, command: str = "jacobian"):
     )
 
 
-def _run(args: argparse.Namespace, options) -> int:
-    """Plan and run, and report the outcome (one line for an error or an interruption)."""
+def _run(args: argparse.Namespace, options, schedule=None) -> int:
+    """Plan and run, and report the outcome (one line for an error or an interruption).
+
+    ``schedule(plan, model, quiet=...) -> RunStats``: the scheduler (default: this process,
+    ``augnet._runner.run_plan``; ``--ray``: ``augnet._ray_run.run_plan``)."""
     from augnet import _runner
 
     def load(opts):
@@ -664,7 +740,7 @@ def _run(args: argparse.Namespace, options) -> int:
     if args.debug:
         logger.debug("plan: %d inputs, %d batches to do", len(plan.items), len(plan.todo))
     try:
-        stats = _runner.run_plan(plan, model, quiet=args.quiet)
+        stats = (schedule or _runner.run_plan)(plan, model, quiet=args.quiet)
     except BaseException as exc:
         finished = plan.stats.computed + plan.stats.skipped
         if (
@@ -712,7 +788,31 @@ def _interrupted_text(plan, stats) -> str:
 
 
 def cmd_jacobian(args: argparse.Namespace) -> int:
+    if getattr(args, "ray", None) is not None:
+        return _run_on_ray(args)
+    for name in ("workers", "worker_cpus", "worker_gpus"):
+        if getattr(args, name, None) is not None:
+            raise UsageError(f"--{name.replace('_', '-')} needs --ray (a run on a Ray cluster)")
     return _run(args, run_options(args))
+
+
+def _run_on_ray(args: argparse.Namespace) -> int:
+    """``augnet jacobian ... --ray [ADDRESS]``: the cluster is checked before anything else
+    (Ray installed, the address reachable), then the run is planned here and its batches
+    computed by the cluster's workers (augnet/_ray_run.py)."""
+    import functools
+
+    from augnet import _ray_run
+
+    cluster = _ray_run.Cluster(
+        address=None if args.ray == _ray_run.LOCAL else args.ray,
+        workers=args.workers,
+        worker_cpus=args.worker_cpus if args.worker_cpus is not None else 1.0,
+        worker_gpus=args.worker_gpus if args.worker_gpus is not None else 0.0,
+    )
+    _ray_run.check_cluster(cluster)
+    schedule = functools.partial(_ray_run.run_plan, cluster=cluster, debug=args.debug)
+    return _run(args, run_options(args), schedule=schedule)
 
 
 # --------------------------------------------------------------------------------------------

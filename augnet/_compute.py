@@ -11,6 +11,7 @@ for the whole run.
 from __future__ import annotations
 
 import dataclasses
+import io
 import logging
 import math
 import os
@@ -29,6 +30,8 @@ logger = logging.getLogger(__name__)
 
 TOP_INPUTS = 5  # most sensitive input elements listed per output in summary.jsonl
 CONTACT_SHEET = "contact_sheet.png"
+THUMBNAIL = "thumbnail.png"  # the input as the model saw it, small, for the report page
+THUMBNAIL_SIDE = 128
 
 
 def load_model(path: str | os.PathLike[str], *, unsafe: bool = False):
@@ -199,12 +202,38 @@ def warn_all_zero(jac, logits: bool) -> None:
         logger.warning(ZERO_WARNING_LOGITS if logits else ZERO_WARNING)
 
 
+def thumbnail_png(display) -> bytes:
+    """A small picture of an input (its display image, what the model saw) as PNG bytes: at most
+    ``THUMBNAIL_SIDE`` pixels on its longer side (Lanczos), small inputs enlarged by a whole factor
+    (nearest neighbour, so that their pixels stay sharp). The report page shows it, so that it
+    need not link the original input (which breaks when the folder moves)."""
+    import numpy as np
+    from PIL import Image
+
+    pixels = np.ascontiguousarray(display)
+    h, w = pixels.shape[:2]
+    longer = max(h, w)
+    img = Image.fromarray(pixels)  # (h, w) uint8: grayscale; (h, w, 3): RGB
+    if longer > THUMBNAIL_SIDE:
+        size = (
+            max(1, round(w * THUMBNAIL_SIDE / longer)),
+            max(1, round(h * THUMBNAIL_SIDE / longer)),
+        )
+        img = img.resize(size, Image.Resampling.LANCZOS)
+    elif longer * 2 <= THUMBNAIL_SIDE:
+        factor = THUMBNAIL_SIDE // longer
+        img = img.resize((w * factor, h * factor), Image.Resampling.NEAREST)
+    buffer = io.BytesIO()
+    img.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
 def render_input(
     item: _imageio.InputItem, display, jacobian, indices, predictions, config: BatchConfig
 ) -> dict[str, bytes]:
     """The PNG files of one input, as ``{relative path: bytes}``: one map per selected output
-    (on the input's shared scale by default, with a colour bar in real units) and the contact
-    sheet. Nothing is written."""
+    (on the input's shared scale by default, with a colour bar in real units), the contact
+    sheet and a thumbnail of the input (when it has a picture). Nothing is written."""
     import numpy as np
 
     from augnet import _colorbar, _render, _report
@@ -256,6 +285,8 @@ def render_input(
             overlay=config.overlay and display is not None,
             alpha=config.alpha,
         )
+    if display is not None:
+        files[f"{item.name}/{THUMBNAIL}"] = thumbnail_png(display)
     return files
 
 

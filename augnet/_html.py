@@ -645,6 +645,7 @@ def write_index_html(
     total: int | None = None,
     title: str | None = None,
     rebuild: bool = False,
+    final: bool = False,
 ) -> Path:
     """Write (or bring up to date) ``OUT/index.html`` from ``OUT/summary.jsonl``.
 
@@ -658,6 +659,10 @@ def write_index_html(
             finished" and a progress bar.
         title: the page's title (default: the folder's name).
         rebuild: reread the whole ``summary.jsonl`` even if it only grew.
+        final: the run is over: ``state.json`` then keeps no identity of ``summary.jsonl``
+            (device, inode), so that the folder's bytes depend on its content only (a committed
+            run folder, e.g. the demo's, stays byte-identical when it is regenerated); the next
+            call rereads ``summary.jsonl`` once.
 
     Returns:
         The path of ``index.html``.
@@ -698,6 +703,8 @@ def write_index_html(
                 dir_fd, afd, out, state, rebuild, root if isinstance(root, str) else None
             )
             new.pop("written", None)
+            if final:
+                new["summary"] = None
             _write_atomic(
                 STATE_FILE,
                 (json.dumps(new, separators=(",", ":")) + "\n").encode(),
@@ -725,3 +732,72 @@ def write_index_html(
     finally:
         os.close(dir_fd)
     return Path(out) / INDEX_FILE
+
+
+def owns_report(out_dir: str | os.PathLike[str]) -> bool:
+    """Whether ``OUT/index.html`` and ``OUT/index_files`` are absent or augnet's report (written
+    by :func:`write_index_html`): ``False`` if either is a link or something augnet did not write.
+    """
+    out = os.fspath(out_dir)
+    try:
+        dir_fd = os.open(out, os.O_RDONLY | _O_DIRECTORY | _O_CLOEXEC)
+    except OSError:
+        return True  # no folder: nothing in the way
+    try:
+        _check_page_is_ours(dir_fd, out)
+        st = _lstat(ASSET_DIR, dir_fd)
+        if st is None:
+            return True
+        if not stat.S_ISDIR(st.st_mode):
+            return False
+        afd = os.open(
+            ASSET_DIR, os.O_RDONLY | _O_DIRECTORY | _O_NOFOLLOW | _O_CLOEXEC, dir_fd=dir_fd
+        )
+        try:
+            return not os.listdir(afd) or _read_state(afd, out) is not None
+        finally:
+            os.close(afd)
+    except (ReportError, OSError):
+        return False
+    finally:
+        os.close(dir_fd)
+
+
+def remove_index_html(out_dir: str | os.PathLike[str]) -> None:
+    """Remove the report page written by :func:`write_index_html` (``index.html`` and the files
+    of ``index_files/``, then the folder if empty), e.g. when the run that wrote it finished no
+    input. Only what this module wrote goes; a page or folder that is not augnet's is left alone.
+    """
+    out = os.fspath(out_dir)
+    if not owns_report(out):
+        return
+    try:
+        dir_fd = os.open(out, os.O_RDONLY | _O_DIRECTORY | _O_CLOEXEC)
+    except OSError:
+        return
+    try:
+        st = _lstat(ASSET_DIR, dir_fd)
+        if st is not None and stat.S_ISDIR(st.st_mode):
+            afd = os.open(
+                ASSET_DIR, os.O_RDONLY | _O_DIRECTORY | _O_NOFOLLOW | _O_CLOEXEC, dir_fd=dir_fd
+            )
+            try:
+                for name in os.listdir(afd):
+                    ours = (
+                        name == STATE_FILE
+                        or _CHUNK_RE.fullmatch(name)
+                        or _is_our_temp(name, "rows")
+                        or _is_our_temp(name, "state")
+                    )
+                    entry = _lstat(name, afd)
+                    if ours and entry is not None and stat.S_ISREG(entry.st_mode):
+                        os.unlink(name, dir_fd=afd)
+            finally:
+                os.close(afd)
+            with contextlib.suppress(OSError):
+                os.rmdir(ASSET_DIR, dir_fd=dir_fd)
+        entry = _lstat(INDEX_FILE, dir_fd)
+        if entry is not None and stat.S_ISREG(entry.st_mode):
+            os.unlink(INDEX_FILE, dir_fd=dir_fd)
+    finally:
+        os.close(dir_fd)

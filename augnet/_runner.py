@@ -671,29 +671,78 @@ class StopFlag:
         self._previous.clear()
 
 
-def run_plan(
+class Scheduling:
+    """What every scheduler of a run shares, from its first batch to its clean-up: the signals
+    (:class:`StopFlag`), the progress bar, the report page and the commit of each computed batch.
+
+    Made by :func:`scheduling`; a scheduler only decides where and when batches are computed
+    (:func:`run_plan` here, one after the other; ``augnet._ray_run`` on a Ray cluster) and hands
+    each result to :meth:`commit`, so that the two cannot drift apart.
+
+    Attributes:
+        plan: the run.
+        stop: the run's :class:`StopFlag`; call ``stop.check()`` between pieces of work.
+        bar: the progress bar (``bar.advance(work)`` while a batch is computed here).
+    """
+
+    def __init__(self, plan: Plan, stop: StopFlag, bar, on_commit, report: bool):
+        self.plan, self.stop, self.bar = plan, stop, bar
+        self._on_commit, self._report = on_commit, report
+
+    def commit(self, result: BatchResult, *, advanced: float = 0.0) -> bool:
+        """Commit one computed batch (idempotent by batch id: ``False`` if it already was), then
+        bring the report page up to date and run ``on_commit``; signals wait until the batch is
+        written. ``advanced``: progress already shown for this batch while it was computed.
+
+        The first batch of a run whose strategy was ``"auto"`` fixes the strategy
+        (:func:`set_strategy`); a scheduler that computes batches elsewhere resolves it before
+        sending any (:func:`resolve_strategy`).
+        """
+        plan = self.plan
+        with self.stop.deferred():
+            if plan.config.strategy is None:
+                set_strategy(plan, result.strategy)
+            written = commit_batch(plan.store, result)
+        if written:
+            if self._report:
+                update_report(plan)
+            if self._on_commit is not None:
+                self._on_commit(plan, result)
+        n = len(result.inputs)
+        self.bar.advance(n - advanced)
+        self.bar.update(n)
+        plan.stats.computed += n
+        return written
+
+
+@contextlib.contextmanager
+def scheduling(
     plan: Plan,
-    model,
     *,
     quiet: bool = False,
     stream=None,
     on_commit: Callable[[Plan, BatchResult], None] | None = None,
-) -> RunStats:
-    """The one-process scheduler: compute and commit every batch of ``plan`` in order.
+    report: bool = True,
+) -> Iterator[Scheduling]:
+    """The frame of a run for any scheduler (``with scheduling(plan) as run: ... run.commit(r)``).
 
-    ``on_commit(plan, result)`` runs after each committed batch (e.g. to bring a report page up
-    to date from ``summary.jsonl``); an error there stops the run like any other.
-
-    A signal (Ctrl-C, ``kill``) stops the run after cleaning up: every committed batch is kept,
-    the batch in progress leaves nothing; ``stats.interrupted`` says which signal. Any other
-    error propagates after the same clean-up. The folder's lock is released in every case.
+    Before the first batch it writes the report page (``index.html``: a page augnet did not write
+    is refused before any work) and installs the signal handlers and the progress bar. A signal
+    (Ctrl-C, ``kill``) inside the block stops the run: ``plan.stats.interrupted`` says which, and
+    the block's exception is swallowed. Whatever happens, the end is the same: ``summary.jsonl``
+    in input order, the final report page (or none, if no batch was ever committed), the
+    folder's lock released (:meth:`Plan.close`), ``plan.stats.seconds`` set.
     """
     from augnet._progress import Progress
 
     stats = plan.stats
     total = sum(len(bt.items) for bt in plan.todo)
     started = time.monotonic()
+    page = False  # the page is this run's to finish (it was written before the first batch)
     try:
+        if report:
+            start_report(plan)
+            page = True
         with (
             StopFlag() as stop,
             Progress(
@@ -701,38 +750,91 @@ def run_plan(
             ) as bar,
         ):
             try:
-                for batch in plan.todo:
-                    stop.check()
-                    before = bar.work
-                    result = compute_batch(
-                        model, batch, plan.config, on_progress=bar.advance, check_stop=stop.check
-                    )
-                    with stop.deferred():
-                        if plan.config.strategy is None:
-                            set_strategy(plan, result.strategy)
-                        written = commit_batch(plan.store, result)
-                    if written and on_commit is not None:
-                        on_commit(plan, result)
-                    bar.advance(len(batch.items) - (bar.work - before))
-                    bar.update(len(batch.items))
-                    stats.computed += len(batch.items)
+                yield Scheduling(plan, stop, bar, on_commit, report)
             except KeyboardInterrupt:
                 stats.interrupted = stop.signum or signal.SIGINT
     finally:
         stats.seconds = time.monotonic() - started
-        _close(plan)
-    return stats
+        _close(plan, page)
 
 
-def _close(plan: Plan) -> None:
+def run_plan(
+    plan: Plan,
+    model,
+    *,
+    quiet: bool = False,
+    stream=None,
+    on_commit: Callable[[Plan, BatchResult], None] | None = None,
+    report: bool = True,
+) -> RunStats:
+    """The one-process scheduler: compute and commit every batch of ``plan`` in order.
+
+    ``on_commit(plan, result)`` runs after each committed batch; an error there stops the run
+    like any other. ``report``: keep ``OUT/index.html`` up to date (written before the first
+    batch, after each committed one and at the end; see :func:`scheduling`).
+
+    A signal (Ctrl-C, ``kill``) stops the run after cleaning up: every committed batch is kept,
+    the batch in progress leaves nothing; ``stats.interrupted`` says which signal. Any other
+    error propagates after the same clean-up. The folder's lock is released in every case.
+    """
+    with scheduling(plan, quiet=quiet, stream=stream, on_commit=on_commit, report=report) as run:
+        for batch in plan.todo:
+            run.stop.check()
+            before = run.bar.work
+            result = compute_batch(
+                model, batch, plan.config, on_progress=run.bar.advance, check_stop=run.stop.check
+            )
+            run.commit(result, advanced=run.bar.work - before)
+    return plan.stats
+
+
+# --------------------------------------------------------------------------------------------
+# The report page (index.html), kept up to date by every scheduler
+# --------------------------------------------------------------------------------------------
+
+
+def start_report(plan: Plan) -> None:
+    """Write ``OUT/index.html`` before the first batch: a page augnet did not write stops the run
+    here, before any work (:class:`augnet._html.ReportError`); a new run's page says that no
+    input has finished yet, a resumed run's lists what its earlier part finished."""
+    from augnet import _html
+
+    _html.write_index_html(plan.out, total=plan.stats.inputs, rebuild=True)
+
+
+def update_report(plan: Plan) -> None:
+    """Bring ``OUT/index.html`` up to date after a committed batch (a few tens of milliseconds
+    while ``summary.jsonl`` grows in input order)."""
+    from augnet import _html
+
+    _html.write_index_html(plan.out, total=plan.stats.inputs)
+
+
+def _finish_report(plan: Plan) -> None:
+    from augnet import _html
+
+    try:
+        if plan.store.committed:
+            _html.write_index_html(plan.out, total=plan.stats.inputs, final=True)
+        else:  # nothing finished, in this run or before: no page (the folder may go too)
+            _html.remove_index_html(plan.out)
+    except (OSError, ValueError) as exc:  # the results are complete; only the view is stale
+        logger.warning("could not bring '%s' up to date: %s", plan.out / "index.html", exc)
+
+
+def _close(plan: Plan, report: bool = False) -> None:
     store = plan.store
     try:
         if store.committed:
             store.finish()
     finally:
-        existed = store.out_dir.exists()
-        store.close()
-        plan.stats.folder_removed = existed and not store.out_dir.exists()
+        try:
+            if report and store.root is not None:
+                _finish_report(plan)
+        finally:
+            existed = store.out_dir.exists()
+            store.close()
+            plan.stats.folder_removed = existed and not store.out_dir.exists()
 
 
 def run(

@@ -502,7 +502,8 @@ class RunStore:
                         f"'{self.out_dir / name}' already exists; pass --overwrite to replace it "
                         "or choose another --out"
                     )
-            for name in (SUMMARY_FILE, SHARD_DIR, BATCH_DIR, REPORT_FILE, REPORT_DIR):
+            report = (REPORT_FILE, REPORT_DIR) if not _report_is_augnets(self.out_dir) else ()
+            for name in (SUMMARY_FILE, SHARD_DIR, BATCH_DIR, *report):
                 if self._nonempty(name):
                     raise ExistingResultsError(
                         f"'{self.out_dir / name}' already exists and augnet did not write it; "
@@ -776,6 +777,15 @@ class RunStore:
         (rewritten from the records only when batches were committed out of order)."""
         if not self._summary_ok:
             self.rewrite_summary()
+
+
+def _report_is_augnets(out_dir: Path) -> bool:
+    """Whether ``index.html``/``index_files`` are absent or augnet's own report page (e.g. left
+    by a run killed before its first batch finished): the run rewrites it, a page of the user is
+    refused."""
+    from augnet._html import owns_report
+
+    return owns_report(out_dir)
 
 
 def _run_id(command: str, settings: Mapping[str, Any]) -> str:

@@ -21,6 +21,9 @@ need Ray (call it on a dict of arrays to try it); :func:`map_jacobians` imports 
 says how to install it when it is missing (``pip install "augnet[ray]"``). Importing this module
 imports neither Ray nor a framework.
 
+:func:`run_jacobians` is the other way to use Ray: the whole data-set run of
+``augnet jacobian ... --ray`` (the same files as on one machine, resumable), from Python.
+
 Columns of a result batch (``b`` rows, ``m`` selected outputs, ``n`` outputs of the model):
 
 =================  ==========================  ====================================================
@@ -50,7 +53,7 @@ import os
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-__all__ = ["JacobianBatch", "map_jacobians", "require_ray"]
+__all__ = ["JacobianBatch", "map_jacobians", "require_ray", "run_jacobians"]
 
 RESULT_COLUMNS = ("jacobian", "outputs", "output_values", "predictions", "saliency")
 _INSTALL = 'pip install "augnet[ray]"'
@@ -355,3 +358,111 @@ def map_jacobians(
         **kwargs,
         **remote_args,
     )
+
+
+# --------------------------------------------------------------------------------------------
+# The distributed data-set run (augnet jacobian ... --ray) from Python
+# --------------------------------------------------------------------------------------------
+
+
+def run_jacobians(
+    model: str | os.PathLike[str],
+    inputs: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
+    out: str | os.PathLike[str],
+    *,
+    address: str | None = None,
+    workers: int | None = None,
+    worker_cpus: float = 1.0,
+    worker_gpus: float = 0.0,
+    quiet: bool = True,
+    **options: Any,
+):
+    """``augnet jacobian MODEL INPUTS --out OUT --ray [ADDRESS]`` from Python: a data-set run
+    whose batches are computed by a Ray cluster's workers and written here, exactly as the
+    one-process run writes them (pictures, raw Jacobians, batch records, ``summary.jsonl``,
+    ``index.html``; byte for byte the same files). Resumable (``resume=True``) with or without
+    Ray.
+
+    Args:
+        model: the saved model's path (``.keras``, ``.h5``, or a SavedModel folder with
+            ``unsafe=True``); its bytes are sent to the workers, which need not see it.
+        inputs: image files, folders, glob patterns or ``.npy`` files (one, or a list); read
+            here and sent with each batch.
+        out: the output folder (written by this process only).
+        address: a running cluster's address (``"host:port"``, ``"auto"``), or ``None``: the
+            cluster this process is connected to (``ray.init`` called before), else a local
+            one started for the run on 127.0.0.1.
+        workers: number of workers (actors), each loading the model once; default: as many as
+            the cluster's CPUs allow (a local cluster: this machine's cores).
+        worker_cpus, worker_gpus: Ray resources per worker (``num_cpus``, ``num_gpus``).
+        quiet: no progress bar.
+        **options: the run's options, as ``augnet jacobian``'s, by their
+            :class:`augnet._runner.RunOptions` names: ``outputs``, ``top_k``,
+            ``formats=("png", "npy")`` (or ``"png,npy"``), ``contact_sheet``, ``batch_size``,
+            ``strategy``, ``preprocess``, ``resize``, ``crop``, ``size``, ``mode``, ``overlay``,
+            ``resume``, ``overwrite``, ``unsafe``, ...
+
+    Returns:
+        ``RayRunStats``: ``inputs``, ``computed``, ``skipped``, ``seconds``, ``workers`` (where
+        each ran), ``failures`` and ``redone`` (batches sent again after their worker died),
+        ``timing`` (per-batch figures).
+
+    Raises:
+        ImportError: Ray is not installed.
+        ValueError: a user error (missing inputs, a folder holding other results, a worker that
+            cannot load the model, an unreachable cluster, ...), with what to do.
+        KeyboardInterrupt: after a clean stop on Ctrl-C (finished batches are kept).
+
+    Example:
+        >>> stats = run_jacobians("model.keras", "photos/", "results", workers=2,  # doctest: +SKIP
+        ...                       top_k=5, formats="png,npy", preprocess="minus1_1")
+        >>> stats.computed, [w["where"] for w in stats.workers]
+    """
+    import signal
+
+    from augnet import _ray_run, _runner
+
+    if not isinstance(model, str | os.PathLike):
+        raise TypeError(
+            "`model` must be the path of a saved model (.keras, .h5, SavedModel folder); save an "
+            f"in-memory model first (model.save('model.keras')). Received: model={model!r}"
+        )
+    if isinstance(inputs, str | os.PathLike):
+        inputs = [inputs]
+    formats = options.pop("formats", ("png",))
+    if isinstance(formats, str):
+        formats = tuple(f.strip() for f in formats.split(",") if f.strip())
+    known = {f.name for f in _dataclass_fields(_runner.RunOptions)}
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise TypeError(
+            f"run_jacobians() got unknown option(s) {unknown}; expected names of "
+            f"augnet._runner.RunOptions: {sorted(known - {'model', 'inputs', 'out'})}"
+        )
+    for key in ("outputs", "size"):
+        if options.get(key) is not None:
+            options[key] = tuple(options[key])
+    try:
+        _ray_run.require_ray()
+    except _ray_run.ClusterError as exc:
+        raise ImportError(str(exc)) from None
+    run_options = _runner.RunOptions(
+        model=os.fspath(model),
+        inputs=tuple(os.fspath(i) for i in inputs),
+        out=os.fspath(out),
+        formats=tuple(formats),
+        **options,
+    )
+    cluster = _ray_run.Cluster(
+        address=address, workers=workers, worker_cpus=worker_cpus, worker_gpus=worker_gpus
+    )
+    stats = _ray_run.run(run_options, cluster, quiet=quiet)
+    if stats.interrupted == signal.SIGINT:
+        raise KeyboardInterrupt
+    return stats
+
+
+def _dataclass_fields(cls):
+    import dataclasses
+
+    return dataclasses.fields(cls)

@@ -213,13 +213,27 @@ def test_jacobian_writes_every_file(capsys, tiny_model, images, tmp_path, spy_sh
     names = [f"img{i}" for i in range(4)]
     for name in names:
         files = sorted(p.name for p in (out / name).iterdir())
-        assert files == ["contact_sheet.png", "output_00.png", "output_01.png", "output_02.png"]
+        assert files == [
+            "contact_sheet.png",
+            "output_00.png",
+            "output_01.png",
+            "output_02.png",
+            "thumbnail.png",
+        ]
         for f in files:
             with Image.open(out / name / f) as im:
                 im.load()
                 if f.startswith("output"):
                     # the 256x256 map, and under it the colour bar in real units (issue 9)
                     assert im.size[0] == 256 and 256 < im.size[1] < 320 and im.mode == "RGB"
+    # the thumbnail for the report page: the input as the model saw it (16x16 grey), x8
+    spec = _imageio.ImageSpec.from_input_shape((16, 16, 1))
+    for name in names:
+        _, display = _imageio.load_image(images / f"{name}.png", spec)
+        with Image.open(out / name / "thumbnail.png") as im:
+            np.testing.assert_array_equal(
+                np.asarray(im), np.repeat(np.repeat(display, 8, axis=0), 8, axis=1)
+            )
     # one contact sheet per input: the input, 3 outputs and the colour bar
     assert spy_sheets == [["input", "output 0", "output 1", "output 2", "colorbar"]] * 4
 
@@ -320,11 +334,12 @@ def test_npy_inputs(capsys, tiny_model, tmp_path):
 
 
 def _raw_files(out: Path) -> dict[str, bytes]:
-    """Every result file except run.json (which holds only settings), by relative path."""
+    """Every result file except run.json (which holds only settings) and index.html (whose title
+    is the folder's name; its data, index_files/, is compared), by relative path."""
     return {
         p.relative_to(out).as_posix(): p.read_bytes()
         for p in sorted(out.rglob("*"))
-        if p.is_file() and p.name != "run.json"
+        if p.is_file() and p.name != "run.json" and p.relative_to(out).as_posix() != "index.html"
     }
 
 
@@ -926,7 +941,8 @@ def test_sigkill_inside_the_first_batch_then_resume(tiny_model, images, tmp_path
     )
     assert done.returncode == -signal.SIGKILL, done.stderr.decode()
     assert (out / "batches" / "000000.pending").exists()  # the journal of the killed batch
-    assert len(list(out.glob("img*/output_*.png"))) == 4 and len(_store.load_results(out)) == 0
+    # the 4 PNGs written before the kill: img0's 3 maps and its thumbnail
+    assert len(list(out.glob("img*/*.png"))) == 4 and len(_store.load_results(out)) == 0
     assert _cli.main([str(a) for a in args] + ["--resume"]) == 0
     reference = tmp_path / "reference"
     assert _cli.main([str(a) for a in _job_args(tiny_model, images, reference, 7)]) == 0

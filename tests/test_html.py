@@ -78,9 +78,13 @@ def test_row_of_the_demo_run():
     assert folder == "sample_input"
     assert maps == [f"sample_input/output_{k:02d}.png" for k in outputs]
     assert sheet == "sample_input/contact_sheet.png"
-    # the input image, outside the run's folder, found through run.json's input_root
-    assert thumb == f"{run['input_root']}/{line['input']}"
+    # the thumbnail the run wrote (inside the folder: the page does not need the input)
+    assert thumb == "sample_input/thumbnail.png"
     assert (DEMO / thumb).is_file()
+    # without one, the input image, outside the run's folder, found through input_root
+    line = dict(line, files=[f for f in line["files"] if "thumbnail" not in f])
+    assert index_row(line, DEMO, run["input_root"])[9] == f"{run['input_root']}/{line['input']}"
+    assert (DEMO / run["input_root"] / line["input"]).is_file()
     assert top == float(f"{max(line['predictions']):.6g}")
     assert norm == pytest.approx(math.sqrt(sum(v * v for v in line["jacobian_l2"])), rel=1e-5)
     assert maxabs == float(f"{max(line['jacobian_max_abs']):.6g}")
@@ -159,9 +163,20 @@ def test_chunk_string_table_round_trip(tmp_path):
 # --------------------------------------------------------------------------------------------
 
 
+def test_the_committed_demo_page_is_what_the_demo_writes(tmp_path):
+    """jacobian_results/ holds the demo's page (augnet demo writes it): rebuilt from the
+    committed summary.jsonl, the page and its data are the same bytes."""
+    out = tmp_path / "jacobian_results"
+    shutil.copytree(DEMO, out)
+    committed = snapshot(out)
+    assert {"index.html", "index_files/rows-000000.js", "index_files/state.json"} <= set(committed)
+    write_index_html(out, total=1, rebuild=True, final=True)
+    assert snapshot(out) == committed
+
+
 def test_demo_page(tmp_path):
     out = tmp_path / "run"
-    shutil.copytree(DEMO, out)
+    shutil.copytree(DEMO, out, ignore=shutil.ignore_patterns("index.html", "index_files"))
     before = snapshot(out)
     page = write_index_html(out, total=1)
     assert page == out / "index.html"
@@ -464,3 +479,55 @@ def test_absolute_files_inside_the_folder_become_relative(tmp_path):
     write_index_html(out)
     for r in page_rows(out):
         assert r[8] == f"{r[0]}/contact_sheet.png"
+
+
+# --------------------------------------------------------------------------------------------
+# For the runner: the final state, whose page is it, removing a page nobody finished
+# --------------------------------------------------------------------------------------------
+
+
+def test_final_state_keeps_no_file_identity_and_the_next_call_rereads(tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    out.mkdir()
+    write_summary(out, [json.loads(line) for line in summary_lines(12)])
+    write_index_html(out, total=12, final=True)
+    state = json.loads((out / "index_files" / "state.json").read_text())
+    assert state["summary"] is None and state["chunks"][0]["rows"] == 12
+    first = snapshot(out)
+    # the same content in a new file (a new inode): the same bytes, state included
+    (out / "summary.jsonl").write_bytes((out / "summary.jsonl").read_bytes())
+    write_index_html(out, total=12, final=True)
+    assert snapshot(out) == first
+    # the next (non-final) call reads the whole summary once, then follows it incrementally
+    reads = []
+    real = _html._parse
+    monkeypatch.setattr(_html, "_parse", lambda *a: reads.append(1) or real(*a))
+    write_index_html(out, total=12)
+    assert len(reads) == 12
+    assert json.loads((out / "index_files" / "state.json").read_text())["summary"] is not None
+
+
+def test_owns_report_and_remove_index_html(tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    assert _html.owns_report(out)  # nothing there
+    write_index_html(out, total=3)
+    (out / "index_files" / ".rows.tmp-1-deadbeef.js").write_text("")  # a temporary of ours
+    assert _html.owns_report(out)
+    (out / "keep.txt").write_text("the user's")
+    _html.remove_index_html(out)
+    assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]
+    # a page of the user, or a folder of theirs, is not augnet's: nothing is removed
+    (out / "index.html").write_text("mine")
+    assert not _html.owns_report(out)
+    _html.remove_index_html(out)
+    assert (out / "index.html").read_text() == "mine"
+    (out / "index.html").unlink()
+    (out / "index_files").mkdir()
+    (out / "index_files" / "notes.txt").write_text("mine")
+    assert not _html.owns_report(out)
+    _html.remove_index_html(out)
+    assert (out / "index_files" / "notes.txt").read_text() == "mine"
+    shutil.rmtree(out / "index_files")
+    os.symlink(tmp_path, out / "index_files")
+    assert not _html.owns_report(out)

@@ -491,3 +491,112 @@ def test_screenshot(driver, run, tmp_path):
     )
     if keep:
         driver.save_screenshot(str(Path(keep) / "report_viewer.png"))
+
+
+# --------------------------------------------------------------------------------------------
+# The page of a real run, written by the runner (issue 11: index.html in every data-set run)
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def real_run(tmp_path_factory):
+    """A run folder written by ``augnet jacobian`` itself: a tiny RGB classifier (top 3 of 6
+    outputs), 60 images in batches of 16, pictures, contact sheets and thumbnails."""
+    import keras
+    import numpy as np
+    from PIL import Image
+
+    from augnet import _runner
+
+    root = tmp_path_factory.mktemp("real")
+    keras.utils.set_random_seed(3)
+    inp = keras.Input((24, 24, 3))
+    h = keras.layers.Conv2D(4, 3, activation="tanh")(inp)
+    h = keras.layers.GlobalAveragePooling2D()(h)
+    model = root / "classifier.keras"
+    keras.Model(inp, keras.layers.Dense(6, activation="softmax")(h)).save(model)
+    images = root / "photos"
+    images.mkdir()
+    rng = np.random.default_rng(3)
+    yy, xx = np.mgrid[0:32, 0:32]
+    for i in range(60):  # smooth coloured blobs, so the thumbnails are pictures, not noise
+        cy, cx, r = rng.uniform(6, 26), rng.uniform(6, 26), rng.uniform(4, 12)
+        blob = np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * r * r))[..., None]
+        colour = rng.uniform(0, 255, 3)
+        pixels = (blob * colour + (1 - blob) * rng.uniform(0, 80, 3)).astype(np.uint8)
+        Image.fromarray(pixels).save(images / f"{ANIMALS_REAL[i % 3]}_{i:03d}.png")
+    out = root / "results"
+    options = _runner.RunOptions(
+        model=str(model),
+        inputs=(str(images),),
+        out=str(out),
+        top_k=3,
+        batch_size=16,
+        strategy="loop",
+    )
+    _runner.run(options, quiet=True)
+    entries = [json.loads(line) for line in (out / "summary.jsonl").read_text().splitlines()]
+    return out, images, entries
+
+
+ANIMALS_REAL = ("cat", "dog", "owl")
+
+
+def test_the_page_of_a_real_run(driver, real_run, tmp_path):
+    """Every input listed with its own thumbnail (written by the run, inside the folder, so the
+    page still shows it when the folder has moved and the inputs are gone), its maps and its
+    contact sheet; sorted by the Jacobian norm of summary.jsonl; searchable."""
+    out, images, entries = real_run
+    moved = tmp_path / "elsewhere" / "results"
+    shutil.copytree(out, moved)
+    hidden = images.with_name("photos-away")
+    images.rename(hidden)  # the inputs are gone: the page must not need them
+    try:
+        load(driver, moved / "index.html")
+        assert driver.execute_script("return augnetReport.rows") == 60
+        assert shown(driver) == [e["input"] for e in entries[:50]]
+        assert text(driver, "progress-label") == "all 60 inputs finished"
+        facts = text(driver, "facts")
+        assert "classifier.keras" in facts and "top 3 per input" in facts
+        thumbs = driver.execute_script(
+            "return Array.from(document.querySelectorAll('#rows .thumbbox img'))"
+            ".map(i => i.getAttribute('src'))"
+        )
+        assert thumbs == [f"{e['name']}/thumbnail.png" for e in entries[:50]]
+        wait_for(
+            driver,
+            lambda: driver.execute_script(
+                "return Array.from(document.querySelectorAll('#rows tr:nth-child(-n+6) img'))"
+                ".every(i => i.complete && i.naturalWidth > 0)"
+            ),
+        )
+        norm = lambda e: r6(math.sqrt(math.fsum(v * v for v in e["jacobian_l2"])))  # noqa: E731
+        select(driver, "sort", "norm")
+        assert shown(driver) == expected_order(entries, norm)[:50]
+        driver.find_element("id", "q").send_keys("owl")
+        owls = [e["input"] for e in entries if "owl" in e["input"]]
+        wait_for(driver, lambda: sorted(shown(driver)) == sorted(owls))
+        driver.find_elements("css selector", "#rows td.sheet button")[0].click()
+        wait_for(
+            driver,
+            lambda: driver.execute_script(
+                "const i = document.getElementById('lb-img');"
+                " return i.complete && i.naturalWidth > 0 && i.src.endsWith('contact_sheet.png')"
+            ),
+        )
+        keep = os.environ.get("AUGNET_SCREENSHOTS")
+        if keep:
+            Path(keep).mkdir(parents=True, exist_ok=True)
+            driver.save_screenshot(str(Path(keep) / "real_run_viewer.png"))
+            driver.find_element("id", "lb-close").click()
+            load(driver, moved / "index.html")  # the default view: run order, every input
+            wait_for(
+                driver,
+                lambda: driver.execute_script(
+                    "return Array.from(document.querySelectorAll('#rows tr:nth-child(-n+6) img'))"
+                    ".every(i => i.complete && i.naturalWidth > 0)"
+                ),
+            )
+            driver.save_screenshot(str(Path(keep) / "real_run.png"))
+    finally:
+        hidden.rename(images)

@@ -111,14 +111,15 @@ def _options(model, inputs, out, **kw):
 
 def test_batches_computed_anywhere_in_any_order_give_the_same_files(tiny_model, images, tmp_path):
     """What a Ray scheduler does: plan on the driver, compute batches elsewhere (pickled there and
-    back), in any order, some twice, and commit them on the driver: the folder is byte-identical
-    to the one-process run's."""
+    back), in any order, some twice, and commit them on the driver inside the runner's shared
+    frame (`scheduling`): the folder, its report page included, is byte-identical to the
+    one-process run's."""
     model = _runner.load_model(tiny_model)
-    serial = tmp_path / "serial"
+    serial = tmp_path / "a" / "out"  # same folder name: the page's title is the folder's name
     plan, _ = _runner.plan_run(_options(tiny_model, images, serial), model=model)
     _runner.run_plan(plan, model, quiet=True)
 
-    out = tmp_path / "spread"
+    out = tmp_path / "b" / "out"
     plan, _ = _runner.plan_run(_options(tiny_model, images, out), model=model)
     assert [b.batch_id for b in plan.todo] == [0, 1, 2, 3]
     assert [len(b.items) for b in plan.todo] == [2, 2, 2, 1]
@@ -130,12 +131,13 @@ def test_batches_computed_anywhere_in_any_order_give_the_same_files(tiny_model, 
         result = _runner.compute_batch(model, shipped, config)
         results.append(pickle.loads(pickle.dumps(result)))
     assert sorted(out.rglob("*")) == before  # computing touches no file of the folder
-    for result in results:
-        assert _runner.commit_batch(plan.store, result) is True
-    assert _runner.commit_batch(plan.store, results[1]) is False  # redone: written once
-    plan.store.finish()
-    plan.close()
+    with _runner.scheduling(plan, quiet=True) as run:
+        assert (out / "index.html").exists()  # the page, before the first batch
+        for result in results:
+            assert run.commit(result) is True
+        assert run.commit(results[1]) is False  # redone: written once
     assert _files(out) == _files(serial)
+    assert {"index.html", "index_files/rows-000000.js"} <= set(_files(out))
     assert not (out / _safeio.LOCK_NAME).exists()
 
 
@@ -174,6 +176,83 @@ def test_on_commit_runs_after_each_batch(tiny_model, images, tmp_path):
 
     _runner.run_plan(plan, model, quiet=True, on_commit=after)
     assert seen == [(0, 2), (1, 4), (2, 6), (3, 7)]
+
+
+def _page(out: Path) -> dict:
+    """The report page's configuration (what the page's script reads)."""
+    import re
+
+    text = (out / "index.html").read_text(encoding="utf-8")
+    found = re.search(r'<script type="application/json" id="augnet-config">(.*?)</script>', text)
+    return json.loads(found.group(1))
+
+
+def test_every_run_keeps_its_report_page_up_to_date(tiny_model, images, tmp_path, monkeypatch):
+    """index.html before the first batch (a running job can be watched from the start), after
+    every committed batch (in step with summary.jsonl) and at the end; each input's own
+    thumbnail is its picture on the page, so the page does not depend on the inputs' folder."""
+    from augnet import _html
+
+    model = _runner.load_model(tiny_model)
+    out = tmp_path / "out"
+    plan, _ = _runner.plan_run(_options(tiny_model, images, out), model=model)
+    seen = []
+    real = _runner.compute_batch
+
+    def spy(model, batch, config, **kwargs):
+        if batch.batch_id == 0:
+            config_ = _page(out)
+            seen.append(("before", config_["chunks"], config_["total"]))
+        return real(model, batch, config, **kwargs)
+
+    def after(plan, result):
+        lines = (plan.out / "summary.jsonl").read_text().splitlines()
+        seen.append((result.batch_id, _page(out)["chunks"], len(lines)))
+
+    monkeypatch.setattr(_runner, "compute_batch", spy)
+    _runner.run_plan(plan, model, quiet=True, on_commit=after)
+    assert seen == [("before", [], 7), (0, [[2]], 2), (1, [[4]], 4), (2, [[6]], 6), (3, [[7]], 7)]
+    assert _page(out)["total"] == 7
+    root = json.loads((out / "run.json").read_text())["input_root"]
+    for line in (out / "summary.jsonl").read_text().splitlines():
+        entry = json.loads(line)
+        thumb = _html.index_row(entry, out, root)[9]
+        assert thumb == f"{entry['name']}/thumbnail.png" and (out / thumb).is_file()
+    state = json.loads((out / "index_files" / "state.json").read_text())
+    assert state["summary"] is None  # the finished run's page: no file identity kept
+
+
+def test_a_page_augnet_did_not_write_is_refused_before_any_work(
+    capsys, monkeypatch, tiny_model, images, tmp_path
+):
+    out = tmp_path / "out"
+    assert run(capsys, *_args(tiny_model, images, out))[0] == 0
+    (out / "index.html").write_text("<html>the user's own page</html>")
+    monkeypatch.setattr(_runner, "compute_batch", lambda *a, **k: pytest.fail("computed"))
+    code, _, err = run(capsys, *_args(tiny_model, images, out), "--resume")
+    one_line(code, err, r"index.html' exists and was not written by augnet; move it away")
+    assert (out / "index.html").read_text() == "<html>the user's own page</html>"
+    fresh = tmp_path / "fresh"
+    fresh.mkdir()
+    (fresh / "index.html").write_text("mine")
+    code, _, err = run(capsys, *_args(tiny_model, images, fresh))
+    one_line(code, err, r"index.html' already exists and augnet did not write it")
+    assert (fresh / "index.html").read_text() == "mine"
+
+
+def test_the_page_of_a_run_killed_before_its_first_batch_is_not_in_the_way(
+    capsys, tiny_model, images, tmp_path
+):
+    """kill -9 before the first batch leaves augnet's page (and a stale lock): the next run,
+    without --resume or --overwrite, starts anyway and writes its own page."""
+    from augnet import _html
+
+    out = tmp_path / "out"
+    out.mkdir()
+    _html.write_index_html(out, total=7)
+    (out / _safeio.LOCK_NAME).write_text('{"pid": 999999}')
+    assert run(capsys, *_args(tiny_model, images, out))[0] == 0
+    assert _page(out)["chunks"] == [[7]]
 
 
 def test_auto_strategy_is_resolved_once_and_kept(tiny_model, images, tmp_path, monkeypatch):
@@ -300,7 +379,7 @@ def test_resume_follows_content_and_keeps_index_and_folder_in_step(
     os.utime(target, ns=(st.st_atime_ns, st.st_mtime_ns))
     assert run(capsys, *_args(tiny_model, images, out), "--resume")[0] == 0
     assert computed == [["img2", "img3"]]  # its batch only
-    fresh = tmp_path / "fresh"
+    fresh = tmp_path / "fresh" / "out"  # the page's title is the folder's name
     assert run(capsys, *_args(tiny_model, images, fresh))[0] == 0
     assert _files(out) == _files(fresh)  # as if run from scratch
 
@@ -317,7 +396,7 @@ def test_resume_follows_content_and_keeps_index_and_folder_in_step(
     ]
     assert summary == names
     assert not (out / "img0").exists() and not (out / "img5").exists()
-    fresh2 = tmp_path / "fresh2"
+    fresh2 = tmp_path / "fresh2" / "out"
     assert run(capsys, *_args(tiny_model, images, fresh2))[0] == 0
     assert _files(out) == _files(fresh2)
 
