@@ -243,7 +243,8 @@ def _where() -> str:
     with contextlib.suppress(Exception):
         import ray
 
-        node = ray.get_runtime_context().get_node_id()[:8]
+        if ray.is_initialized():  # (asking for the context elsewhere would start a local Ray)
+            node = ray.get_runtime_context().get_node_id()[:8]
     host = socket.gethostname()
     return f"{host}, node {node}, pid {os.getpid()}" if node else f"{host}, pid {os.getpid()}"
 
