@@ -433,9 +433,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     info.set_defaults(func=cmd_info)
 
+    from augnet import _cli_attribution  # attribution methods: --method, compare, evaluate
+
     jac = sub.add_parser(
         "jacobian",
-        parents=[common, _model_parser(), _input_parser(), _job_parser()],
+        parents=[common, _model_parser(), _input_parser(), _job_parser()]
+        + [_cli_attribution.method_parser()],
         help="saliency maps, contact sheets and raw Jacobians for images or arrays",
         description="Compute the exact Jacobian d outputs / d input of MODEL for every INPUT "
         "and write, per input, one saliency PNG per selected output and a contact sheet "
@@ -451,6 +454,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     jac.set_defaults(func=cmd_jacobian)
     parser.commands = {"demo": demo, "info": info, "jacobian": jac}
+    parser.commands.update(
+        _cli_attribution.add_commands(
+            sub,
+            common=common,
+            model=_model_parser(),
+            inputs=_input_parser(),
+            quiet=_cli_attribution.running_parser(),
+        )
+    )
     return parser
 
 
@@ -692,7 +704,9 @@ def _interrupted_text(plan, stats) -> str:
 
 
 def cmd_jacobian(args: argparse.Namespace) -> int:
-    return _run(args, run_options(args))
+    from augnet import _cli_attribution
+
+    return _run(args, _cli_attribution.with_method(args, run_options(args)))
 
 
 # --------------------------------------------------------------------------------------------

@@ -96,6 +96,9 @@ class RunOptions:
         unsafe: allow code in the model file (Lambda layers, SavedModel graphs).
         command: ``"jacobian"`` or ``"demo"`` (kept in run.json).
         command_line: shown to another run that finds the folder locked.
+        method, method_options: an attribution method (``augnet._attribution``) whose maps are
+            written instead of the Jacobian, with its options as ``(name, value)`` pairs;
+            ``None``: the Jacobian (augnet/_compute_attribution.py).
     """
 
     model: str | None
@@ -125,6 +128,8 @@ class RunOptions:
     unsafe: bool = False
     command: str = "jacobian"
     command_line: str = ""
+    method: str | None = None
+    method_options: tuple = ()
 
 
 @dataclass(frozen=True)
@@ -142,6 +147,8 @@ class BatchConfig:
         max_memory: the engine's budget for one pass (bytes) or ``None``.
         formats, contact_sheet, mode, cmap, percentile, reduce, overlay, alpha, scale, colorbar:
             as in :class:`RunOptions`.
+        method, method_options: the attribution method and its prepared options, or ``None``
+            for the Jacobian.
     """
 
     input_shape: tuple[int, ...]
@@ -162,6 +169,8 @@ class BatchConfig:
     alpha: float
     scale: str
     colorbar: bool
+    method: str | None = None
+    method_options: tuple = ()
 
     @property
     def pictures(self) -> bool:
@@ -482,6 +491,13 @@ def plan_run(
         "max_memory": options.max_memory,
         "strategy": options.strategy,
     }
+    method_options = ()
+    if options.method is not None:  # an attribution method: its options are settings too
+        from augnet._compute_attribution import prepare_options
+
+        prepared = prepare_options(model, options.method, dict(options.method_options), in_shape)
+        settings.update(method=options.method, method_options=prepared)
+        method_options = tuple(sorted(prepared.items()))
     root = _imageio.input_root(items)
     info = {
         "model_file": Path(options.model).name if options.model else None,
@@ -531,6 +547,8 @@ def plan_run(
             alpha=float(options.alpha),
             scale=options.scale,
             colorbar=bool(options.colorbar),
+            method=options.method,
+            method_options=method_options,
         )
     except BaseException:
         store.close()
