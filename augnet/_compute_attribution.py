@@ -66,16 +66,14 @@ def _check_windows(opts: dict, input_shape: tuple) -> None:
         if value is None:
             continue
         values = (value,) * len(axes) if isinstance(value, int) else tuple(value)
+        given = ",".join(str(v) for v in ((value,) if isinstance(value, int) else value))
         if len(values) != len(axes):
             raise ValueError(
-                f"--{flag} {','.join(str(v) for v in values)}: the input {input_shape} has "
+                f"--{flag} {given}: the input {input_shape} has "
                 f"{len(axes)} spatial axes {sizes}; give one size for all, or {len(axes)}"
             )
         if flag == "window" and any(v > s for v, s in zip(values, sizes)):
-            raise ValueError(
-                f"--window {','.join(str(v) for v in values)} is larger than the input's "
-                f"spatial size {sizes}"
-            )
+            raise ValueError(f"--window {given} is larger than the input's spatial size {sizes}")
 
 
 def library_options(methods: dict, x) -> dict:
