@@ -151,7 +151,7 @@ def build_comparison_sheet(
     figure = Figure(
         figsize=(
             n_cols * PANEL_INCHES + 0.3,
-            k * (panel_h + 0.15 * lines + 0.1) + 1.5 + (0.35 if title else 0),
+            k * (0.85 * panel_h + 0.15 * lines + 0.1) + 1.2 + (0.35 if title else 0),
         ),
         dpi=_report.DPI,
         layout="constrained",

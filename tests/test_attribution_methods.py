@@ -1,6 +1,6 @@
 """Attribution methods: closed forms, hand-written references, selection and memory options.
 
-The references never call augnet: closed forms on a linear model, a plain GradientTape per output
+The references never call augnet: closed forms on a linear model, the backend's own gradient per output
 and per point, a NumPy class activation map, an explicit loop over occlusion windows.
 """
 
@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import TOL, float64_keras, tape_loop_jacobian
+from conftest import TOL, float64_keras, tape_loop_jacobian, to_numpy
 
 RULES = ("riemann_left", "riemann_right", "riemann_middle", "riemann_trapezoid", "gausslegendre")
 
@@ -244,7 +244,7 @@ def test_ig_delta_is_the_documented_gap_on_a_piecewise_linear_net():
     x0 = np.full_like(x, -0.5)
     for rule, steps in [("riemann_left", 5), ("gausslegendre", 5), ("riemann_trapezoid", 64)]:
         ig = augnet.integrated_gradients(model, x, baseline=-0.5, rule=rule, steps=steps)
-        f = lambda a: np.asarray(model(a, training=False))  # noqa: E731
+        f = lambda a: to_numpy(model(a, training=False))  # noqa: E731
         gap = ig.attributions.reshape(3, 2, -1).sum(-1) - (f(x) - f(x0))
         np.testing.assert_allclose(ig.delta, gap, rtol=1e-10, atol=1e-12)
     # The ReLU kinks keep a gap that quadrature does not remove at few steps.
@@ -485,7 +485,7 @@ def test_top_k_follows_each_samples_class_through_the_noise(convnet):
     model, x = convnet
     noise = np.random.default_rng(1).normal(scale=0.3, size=(4, *x.shape)).astype("float32")
     top = augnet.smoothgrad(model, x, top_k=2, noise=noise)
-    preds = np.asarray(model(x, training=False))
+    preds = to_numpy(model(x, training=False))
     np.testing.assert_array_equal(top.indices, np.argsort(-preds, axis=1, kind="stable")[:, :2])
     np.testing.assert_allclose(top.values, np.take_along_axis(preds, top.indices, 1), rtol=1e-6)
     for i in range(len(x)):
@@ -500,20 +500,6 @@ def test_top_k_follows_each_samples_class_through_the_noise(convnet):
 # --------------------------------------------------------------------------------------------------
 # Grad-CAM
 # --------------------------------------------------------------------------------------------------
-
-
-def _activation_and_gradient(model, layer_output, x):
-    """``A`` and ``∂y/∂A`` (x held fixed) by a GradientTape on a model returning both."""
-    import keras
-    import tensorflow as tf
-
-    both = keras.Model(model.inputs[0], [layer_output, model.outputs[0]])
-    xt = tf.convert_to_tensor(x)
-    with tf.GradientTape(persistent=True) as tape:
-        A, y = both(xt, training=False)
-        ys = [y[:, k] for k in range(y.shape[1])]
-    G = np.stack([tape.gradient(yk, A).numpy() for yk in ys], axis=1)
-    return A.numpy(), G
 
 
 def test_gradcam_on_global_average_pooling_is_the_class_activation_map():
@@ -533,7 +519,7 @@ def test_gradcam_on_global_average_pooling_is_the_class_activation_map():
             ]
         )
     x = np.random.default_rng(0).normal(size=(2, 6, 6, 2))
-    A = np.asarray(keras.Model(model.inputs[0], model.get_layer("conv").output)(x))
+    A = to_numpy(keras.Model(model.inputs[0], model.get_layer("conv").output)(x))
     W = model.get_layer("fc").kernel.numpy()  # (4, 3)
     # CAM (Zhou et al. 2016): Σ_c W[c, k] A_c; Grad-CAM's α_kc = W[c, k] / (6·6).
     cam = np.maximum(np.einsum("bhwc,ck->bkhw", A, W) / 36.0, 0.0)
@@ -546,8 +532,8 @@ def test_gradcam_on_global_average_pooling_is_the_class_activation_map():
     )
 
 
-def test_gradcam_upsampling_matches_tf_image_resize(convnet):
-    import tensorflow as tf
+def test_gradcam_upsampling_matches_keras_image_resize(convnet):
+    import keras
 
     import augnet
 
@@ -556,8 +542,10 @@ def test_gradcam_upsampling_matches_tf_image_resize(convnet):
     small = augnet.gradcam(model, x, layer=name, upsample=False)
     big = augnet.gradcam(model, x, layer=name)
     assert small.attributions.shape == (3, 4, 4, 4)
-    ref = tf.image.resize(small.attributions.reshape(12, 4, 4, 1), (8, 8), method="bilinear")
-    ref = np.repeat(ref.numpy().reshape(3, 4, 8, 8, 1), 2, axis=-1)
+    ref = keras.ops.image.resize(
+        small.attributions.reshape(12, 4, 4, 1), (8, 8), interpolation="bilinear"
+    )
+    ref = np.repeat(to_numpy(ref).reshape(3, 4, 8, 8, 1), 2, axis=-1)
     np.testing.assert_allclose(big.attributions, ref, rtol=1e-5, atol=1e-7)
     near = augnet.gradcam(model, x, layer=name, interpolation="nearest")
     np.testing.assert_allclose(
@@ -573,15 +561,21 @@ def test_gradcam_equals_numpy_formula_from_tape_gradients(plus_plus):
 
     keras.utils.set_random_seed(4)
     L = keras.layers
+    conv = L.Conv2D(5, 3, strides=2, padding="same", name="conv")
+    bn, relu = L.BatchNormalization(name="bn"), L.ReLU(name="relu")
+    skip = L.Conv2D(5, 1, strides=2, name="skip")  # a skip connection around the layer
+    add, gap, dense = L.Add(), L.GlobalAveragePooling2D(), L.Dense(3)
     i = keras.Input((8, 8, 3))
-    c = L.Conv2D(5, 3, strides=2, padding="same", name="conv")(i)
-    r = L.ReLU(name="relu")(L.BatchNormalization(name="bn")(c))
-    skip = L.Conv2D(5, 1, strides=2, name="skip")(i)  # a skip connection around the layer
-    h = L.Add()([r, skip])
-    model = keras.Model(i, L.Dense(3)(L.GlobalAveragePooling2D()(h)))
+    r = relu(bn(conv(i)))
+    model = keras.Model(i, dense(gap(add([r, skip(i)]))))
+    # The head A -> y with x held fixed (the same layers), differentiated by the backend's own
+    # per-output loop: G = ∂y/∂A.
+    a_in, x_in = keras.Input((4, 4, 5)), keras.Input((8, 8, 3))
+    head = keras.Model([a_in, x_in], dense(gap(add([a_in, skip(x_in)]))))
     x = np.random.default_rng(5).normal(size=(2, 8, 8, 3)).astype("float32")
-    A, G = _activation_and_gradient(model, model.get_layer("relu").output, x)
-    A, G = A.astype(np.float64), G.astype(np.float64)
+    A = to_numpy(keras.Model(i, r)(x, training=False))
+    G = tape_loop_jacobian(head, [A, x])[0]  # (2, 3, 4, 4, 5): with respect to A
+    A, G = A.astype(np.float64), np.asarray(G).astype(np.float64)
     if plus_plus:
         g2, g3 = G**2, G**3
         denom = 2 * g2 + A.sum(axis=(1, 2))[:, None, None, None, :] * g3
@@ -622,7 +616,10 @@ def test_gradcam_finds_a_layer_inside_a_nested_model():
     np.testing.assert_array_equal(a.indices, b.indices)
     np.testing.assert_allclose(a.attributions, b.attributions, rtol=1e-5, atol=1e-8)
     c = augnet.gradcam_plus_plus(nested, x, layer="backbone/conv", upsample=False, outputs=[1])
-    A, G = _activation_and_gradient(flat, c_out, x)
+    a_in = keras.Input((5, 5, 4))
+    head = keras.Model(a_in, fc(gap(relu(bn(a_in)))))  # the conv's activation -> y
+    A = to_numpy(keras.Model(i, c_out)(x, training=False))
+    G = np.asarray(tape_loop_jacobian(head, A))  # (2, 3, 5, 5, 4): ∂y/∂A
     A, G = A.astype(np.float64), G[:, 1:2].astype(np.float64)
     g2, g3 = G**2, G**3
     denom = 2 * g2 + A.sum(axis=(1, 2))[:, None, None, None, :] * g3
@@ -661,7 +658,7 @@ def reference_occlusion(model, x, window, stride, baseline, aggregate):
         out = list(range(0, size - w + 1, s))
         return out if out[-1] == size - w else out + [size - w]
 
-    clean = np.asarray(model(x, training=False))
+    clean = to_numpy(model(x, training=False))
     total = np.zeros((x.shape[0], clean.shape[1], H, W))
     count = np.zeros((H, W))
     for r in starts(H, window[0], stride[0]):
@@ -670,7 +667,7 @@ def reference_occlusion(model, x, window, stride, baseline, aggregate):
             occluded[:, r : r + window[0], c : c + window[1]] = baseline[
                 :, r : r + window[0], c : c + window[1]
             ]
-            drop = clean - np.asarray(model(occluded, training=False))
+            drop = clean - to_numpy(model(occluded, training=False))
             total[:, :, r : r + window[0], c : c + window[1]] += drop[:, :, None, None]
             count[r : r + window[0], c : c + window[1]] += 1
     out = (
