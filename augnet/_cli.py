@@ -520,9 +520,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     info.set_defaults(func=cmd_info)
 
+    from augnet import _cli_attribution  # attribution methods: --method, compare, evaluate
+
     jac = sub.add_parser(
         "jacobian",
-        parents=[common, _model_parser(), _input_parser(), _job_parser(), _logits_parser(), _ray_parser()],
+        parents=[common, _model_parser(), _input_parser(), _job_parser(), _logits_parser()]
+        + [_ray_parser(), _cli_attribution.method_parser()],
         help="saliency maps, contact sheets and raw Jacobians for images or arrays",
         description="Compute the exact Jacobian d outputs / d input of MODEL for every INPUT "
         "and write, per input, one saliency PNG per selected output and a contact sheet "
@@ -538,6 +541,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     jac.set_defaults(func=cmd_jacobian)
     parser.commands = {"demo": demo, "info": info, "jacobian": jac}
+    parser.commands.update(
+        _cli_attribution.add_commands(
+            sub,
+            common=common,
+            model=_model_parser(),
+            inputs=_input_parser(),
+            quiet=_cli_attribution.running_parser(),
+        )
+    )
     return parser
 
 
@@ -793,7 +805,9 @@ def cmd_jacobian(args: argparse.Namespace) -> int:
     for name in ("workers", "worker_cpus", "worker_gpus"):
         if getattr(args, name, None) is not None:
             raise UsageError(f"--{name.replace('_', '-')} needs --ray (a run on a Ray cluster)")
-    return _run(args, run_options(args))
+    from augnet import _cli_attribution
+
+    return _run(args, _cli_attribution.with_method(args, run_options(args)))
 
 
 def _run_on_ray(args: argparse.Namespace) -> int:
@@ -811,8 +825,10 @@ def _run_on_ray(args: argparse.Namespace) -> int:
         worker_gpus=args.worker_gpus if args.worker_gpus is not None else 0.0,
     )
     _ray_run.check_cluster(cluster)
+    from augnet import _cli_attribution
+
     schedule = functools.partial(_ray_run.run_plan, cluster=cluster, debug=args.debug)
-    return _run(args, run_options(args), schedule=schedule)
+    return _run(args, _cli_attribution.with_method(args, run_options(args)), schedule=schedule)
 
 
 # --------------------------------------------------------------------------------------------

@@ -9,16 +9,19 @@ shared by every output, so rows compare. Under each column: the method's deletio
 AUC (means over the shown outputs; each panel's title has its own).
 
 - :func:`build_comparison_sheet`: the figure from maps you computed (no model needed);
-- :func:`comparison_sheet`: runs the methods and the metrics on one image and writes the PNG.
+- :func:`compare_methods`: runs the methods and the metrics on one image (:class:`Comparison`);
+- :func:`comparison_sheet`: the same, drawn and written to a PNG.
 """
 
 from __future__ import annotations
 
 import inspect
+import io
 import os
 import pathlib
 import tempfile
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 
 import matplotlib.colors
 import numpy as np
@@ -148,13 +151,15 @@ def build_comparison_sheet(
     figure = Figure(
         figsize=(
             n_cols * PANEL_INCHES + 0.3,
-            k * (panel_h + 0.15 * lines + 0.1) + 1.5 + (0.35 if title else 0),
+            k * (0.85 * panel_h + 0.15 * lines + 0.1) + 1.2 + (0.35 if title else 0),
         ),
         dpi=_report.DPI,
         layout="constrained",
     )
     FigureCanvasAgg(figure)
-    grid = figure.add_gridspec(k, n_cols)
+    # The colour bars sit in a row of their own under the panels, so that every column (the
+    # inputs' too) has the same panels and the rows line up.
+    grid = figure.add_gridspec(k + 1, n_cols, height_ratios=[1.0] * k + [0.045 * panel_h])
     columns: dict[str, list] = {name: [] for name in methods}
     for row, out in enumerate(indices):
         ax = figure.add_subplot(grid[row, 0], label=f"input {out}")
@@ -184,13 +189,12 @@ def build_comparison_sheet(
             ax.imshow(rgb, interpolation="nearest")
             ax.set_xticks([])
             ax.set_yticks([])
-            text = [_LABELS.get(name, name)] if row == 0 else []
+            text = [_LABELS.get(name, name)]  # on every row: the rows line up with the inputs
             if aucs is not None and name in aucs:
                 d = np.asarray(aucs[name].get("deletion"))[row]
                 i = np.asarray(aucs[name].get("insertion"))[row]
                 text.append(f"del {_report._format_number(d)} · ins {_report._format_number(i)}")
-            if text:
-                ax.set_title("\n".join(text), fontsize=8.5 if row else 9.5)
+            ax.set_title("\n".join(text), fontsize=8.5 if row else 9.5)
             columns[name].append(ax)
     for name in methods:
         mode, scale = scales[name]
@@ -200,15 +204,14 @@ def build_comparison_sheet(
             _render.DEFAULT_CMAPS[mode],
             _render.SIGNED_LUT_SIZE if signed else _render.ABS_LUT_SIZE,
         )
+        cax = figure.add_subplot(grid[k, 1 + methods.index(name)])
         bar = figure.colorbar(
             ScalarMappable(
                 norm=matplotlib.colors.Normalize(vmin=-limit if signed else 0.0, vmax=limit),
                 cmap=matplotlib.colors.ListedColormap(lut / 255.0),
             ),
-            ax=columns[name],
-            location="bottom",
-            aspect=18,
-            pad=0.01,
+            cax=cax,
+            orientation="horizontal",
         )
         bar.ax.set_label(f"colorbar {name}")
         ticks = [-limit, 0.0, limit] if signed else [0.0, limit / 2, limit]
@@ -230,6 +233,134 @@ def build_comparison_sheet(
     if title:
         figure.suptitle(title, fontsize=11)
     return figure
+
+
+@dataclass
+class Comparison:
+    """What :func:`compare_methods` computed for one image.
+
+    Attributes:
+        maps: ``{method: (k, *input_shape)}`` the maps of the explained outputs.
+        indices: ``(k,)`` the flat output indices explained (the same for every method).
+        values: ``(k,)`` the model's outputs there.
+        aucs: ``{method: {"deletion": (k,), "insertion": (k,)}}`` (empty without metrics).
+        notes: ``{method: text}`` (e.g. the Grad-CAM layer).
+        extras: ``{method: {"delta": (k,)} or {"layer": name}}``, what came with the maps.
+    """
+
+    maps: dict
+    indices: np.ndarray
+    values: np.ndarray
+    aucs: dict = field(default_factory=dict)
+    notes: dict = field(default_factory=dict)
+    extras: dict = field(default_factory=dict)
+
+
+def compare_methods(
+    model,
+    x,
+    *,
+    methods: Sequence[str] | Mapping[str, Mapping] = DEFAULT_METHODS,
+    outputs=None,
+    top_k: int | None = None,
+    evaluate: bool = True,
+    steps: int = 20,
+    seed=0,
+    batch_size: int | None = None,
+    max_memory=None,
+) -> Comparison:
+    """Runs several attribution methods on one image (and their deletion and insertion curves).
+
+    Arguments as :func:`comparison_sheet`; every method explains the same outputs (the first
+    method's choice, with ``top_k``). Returns a :class:`Comparison`.
+    """
+    from augnet._attribution import METHODS, Attribution, attribute, method_name
+    from augnet._attribution import metrics as M
+
+    sample = np.asarray(x)
+    if sample.ndim == 3:
+        sample = sample[None]
+    if sample.ndim != 4 or sample.shape[0] != 1:
+        raise ValueError(
+            f"`x` must be one image (1, H, W, C) or (H, W, C); received shape "
+            f"{format_shape(np.shape(x))}. Pick one sample, e.g. x[i:i + 1]."
+        )
+    specs = methods.items() if isinstance(methods, Mapping) else [(m, {}) for m in methods]
+    specs = [(method_name(m), dict(opts or {})) for m, opts in specs]
+    if not specs:
+        raise ValueError(invalid_value("methods", methods, "at least one method name"))
+    result = Comparison(maps={}, indices=np.empty((1, 0), np.int64), values=None)
+    indices = values = None
+    for name, opts in specs:
+        if indices is not None:  # every method explains the same outputs
+            opts.setdefault("outputs", indices)
+        else:
+            if outputs is not None:
+                opts.setdefault("outputs", outputs)
+            if top_k is not None:
+                opts.setdefault("top_k", top_k)
+        if "seed" in inspect.signature(METHODS[name]).parameters:
+            opts.setdefault("seed", seed)
+        opts.setdefault("batch_size", batch_size)
+        opts.setdefault("max_memory", max_memory)
+        out = attribute(model, sample, method=name, **opts)
+        if not isinstance(out, Attribution):
+            out = Attribution(out, _indices_of(model, sample, opts.get("outputs"), out), None, name)
+        if indices is None:
+            indices, values = out.indices, out.values
+        a = np.asarray(out.attributions)
+        result.maps[name] = a.reshape(1, indices.shape[1], *sample.shape[1:])[0]
+        if out.layer:
+            result.notes[name] = f"layer {out.layer} {_layer_shape(model, out.layer)}"
+            result.extras[name] = {"layer": out.layer}
+        if out.delta is not None:
+            result.extras[name] = {"delta": np.asarray(out.delta)[0]}
+        if evaluate:
+            common = dict(
+                outputs=indices, steps=steps, batch_size=batch_size, max_memory=max_memory
+            )
+            result.aucs[name] = {
+                "deletion": M.deletion(model, sample, a, **common).auc[0],
+                "insertion": M.insertion(model, sample, a, **common).auc[0],
+            }
+    if values is None:
+        from augnet._attribution import _base
+
+        values = _base.prepare(model, sample, outputs=indices).values()
+    result.indices = np.asarray(indices)[0]
+    result.values = np.asarray(values)[0]
+    return result
+
+
+def comparison_figure(
+    comparison: Comparison,
+    image: object,
+    *,
+    output_names: Sequence[str] | None = None,
+    percentile: float = 99.0,
+    reduce: str = "mean",
+    title: str | None = None,
+) -> Figure:
+    """The figure of :func:`build_comparison_sheet` for a :class:`Comparison`."""
+    return build_comparison_sheet(
+        image=image,
+        maps=comparison.maps,
+        output_indices=[int(i) for i in comparison.indices],
+        predictions=comparison.values,
+        output_names=output_names,
+        aucs=comparison.aucs or None,
+        notes=comparison.notes,
+        percentile=percentile,
+        reduce=reduce,
+        title=title,
+    )
+
+
+def figure_png(figure: Figure, *, dpi: int = _report.DPI, metadata=None) -> bytes:
+    """The figure as PNG bytes (``metadata``: PNG text chunks)."""
+    stream = io.BytesIO()
+    figure.savefig(stream, format="png", dpi=dpi, metadata=metadata)
+    return stream.getvalue()
 
 
 def comparison_sheet(
@@ -279,9 +410,6 @@ def comparison_sheet(
     Example:
         >>> augnet.comparison_sheet("compare.png", model, x, outputs=[0, 5, 12])  # doctest: +SKIP
     """
-    from augnet._attribution import METHODS, Attribution, attribute, method_name
-    from augnet._attribution import metrics as M
-
     target = _report._check_path(path)
     if not isinstance(overwrite, bool):
         raise TypeError(invalid_value("overwrite", overwrite, "True or False"))
@@ -289,65 +417,26 @@ def comparison_sheet(
         raise _render.existing_file_error(target)
     if isinstance(dpi, bool) or not isinstance(dpi, int) or not (30 <= dpi <= 1200):
         raise ValueError(invalid_value("dpi", dpi, "an integer in [30, 1200]"))
+    comparison = compare_methods(
+        model,
+        x,
+        methods=methods,
+        outputs=outputs,
+        top_k=top_k,
+        evaluate=evaluate,
+        steps=steps,
+        seed=seed,
+        batch_size=batch_size,
+        max_memory=max_memory,
+    )
     sample = np.asarray(x)
-    if sample.ndim == 3:
-        sample = sample[None]
-    if sample.ndim != 4 or sample.shape[0] != 1:
-        raise ValueError(
-            f"`x` must be one image (1, H, W, C) or (H, W, C); received shape "
-            f"{format_shape(np.shape(x))}. Pick one sample, e.g. x[i:i + 1]."
-        )
-    specs = methods.items() if isinstance(methods, Mapping) else [(m, {}) for m in methods]
-    specs = [(method_name(m), dict(opts or {})) for m, opts in specs]
-    if not specs:
-        raise ValueError(invalid_value("methods", methods, "at least one method name"))
-    maps, aucs, notes = {}, {}, {}
-    indices = None
-    for name, opts in specs:
-        if indices is not None:  # every method explains the same outputs
-            opts.setdefault("outputs", indices)
-        else:
-            if outputs is not None:
-                opts.setdefault("outputs", outputs)
-            if top_k is not None:
-                opts.setdefault("top_k", top_k)
-        if "seed" in inspect.signature(METHODS[name]).parameters:
-            opts.setdefault("seed", seed)
-        opts.setdefault("batch_size", batch_size)
-        opts.setdefault("max_memory", max_memory)
-        result = attribute(model, sample, method=name, **opts)
-        if not isinstance(result, Attribution):
-            problem_indices = _indices_of(model, sample, opts.get("outputs"), result)
-            result = Attribution(result, problem_indices, None, name)
-        if indices is None:
-            indices = result.indices
-            values = result.values
-        a = np.asarray(result.attributions)
-        maps[name] = a.reshape(1, indices.shape[1], *sample.shape[1:])[0]
-        if result.layer:
-            notes[name] = f"layer {result.layer} {_layer_shape(model, result.layer)}"
-        if evaluate:
-            common = dict(
-                outputs=indices, steps=steps, batch_size=batch_size, max_memory=max_memory
-            )
-            aucs[name] = {
-                "deletion": M.deletion(model, sample, a, **common).auc[0],
-                "insertion": M.insertion(model, sample, a, **common).auc[0],
-            }
-    if values is None:
-        from augnet._attribution import _base
-
-        problem = _base.prepare(model, sample, outputs=indices)
-        values = problem.values()
-    shown = image if image is not None else _display_image(sample[0])
-    figure = build_comparison_sheet(
-        image=shown,
-        maps=maps,
-        output_indices=[int(i) for i in indices[0]],
-        predictions=np.asarray(values)[0],
+    shown = (
+        image if image is not None else _display_image(sample.reshape(-1, *sample.shape[-3:])[0])
+    )
+    figure = comparison_figure(
+        comparison,
+        shown,
         output_names=output_names,
-        aucs=aucs if evaluate else None,
-        notes=notes,
         percentile=percentile,
         reduce=reduce,
         title=title,

@@ -268,6 +268,8 @@ def render_input(
             "augnet:scale": repr(float(scale)),
             "augnet:scaling": "shared" if shared is not None else "per-map",
         }
+        if config.method is not None:  # an attribution method's map, not the Jacobian
+            text["augnet:method"] = config.method
         files[f"{item.name}/output_{int(k):0{config.digits}d}.png"] = _render.png_bytes(rgb, text)
     if config.contact_sheet:
         picture = display if display is not None else np.zeros(jacobian.shape[1:3], np.uint8)
@@ -280,14 +282,24 @@ def render_input(
             cmap=config.cmap,
             percentile=config.percentile,
             reduce=config.reduce,
-            title=item.name,
             shared_scale=config.scale == "shared",
+            **_sheet_labels(item.name, config),
             overlay=config.overlay and display is not None,
             alpha=config.alpha,
         )
     if display is not None:
         files[f"{item.name}/{THUMBNAIL}"] = thumbnail_png(display)
     return files
+
+
+def _sheet_labels(name: str, config: BatchConfig) -> dict[str, str]:
+    """The contact sheet's title (the input's name) and, for an attribution method's maps, the
+    quantity its colour bar measures."""
+    if config.method is None:
+        return {"title": name}
+    from augnet._compute_attribution import sheet_labels
+
+    return sheet_labels(name, config)
 
 
 def compute_batch(
@@ -339,7 +351,13 @@ def compute_batch(
         )
         config = dataclasses.replace(config, strategy=strategy)
     weight = 0.5 if config.pictures else 1.0
-    preds, idx, jac = _jacobian(model, x, config, on_progress, check_stop, weight)
+    extras = None
+    if config.method is not None:  # an attribution method's maps instead of the Jacobian
+        from augnet._compute_attribution import attribute_batch
+
+        preds, idx, jac, extras = attribute_batch(model, x, config, on_progress, check_stop, weight)
+    else:
+        preds, idx, jac = _jacobian(model, x, config, on_progress, check_stop, weight)
     inputs = []
     for i, it in enumerate(items):
         sel_preds = preds[i][idx[i]]
@@ -360,6 +378,8 @@ def compute_batch(
                 summary=summarize(it.key, it.name, idx[i], sel_preds, jac[i], list(files)),
             )
         )
+        if extras is not None:
+            inputs[-1].summary.update(extras[i])
     return BatchResult(
         batch_id=batch.batch_id,
         inputs=inputs,

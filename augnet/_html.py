@@ -371,11 +371,16 @@ def run_facts(run: Any) -> list[list[str]]:
     shape = s.get("input_shape")
     if isinstance(shape, list) and shape and all(isinstance(d, int) for d in shape):
         facts.append(["input", "×".join(str(d) for d in shape)])
+    method = s.get("method")
+    if isinstance(method, str) and method:
+        facts.append(["method", method.replace("_", " ")])
+    if s.get("logits") is True:
+        facts.append(["of", "the scores before the final activation (--logits)"])
     mode = s.get("mode")
     if mode == "signed":
         facts.append(["maps", "signed: red raises the output, blue lowers it"])
     elif mode == "abs":
-        facts.append(["maps", "|∂output/∂input|"])
+        facts.append(["maps", "magnitude" if method else "|∂output/∂input|"])
     resolved = run.get("resolved") if isinstance(run.get("resolved"), Mapping) else {}
     if isinstance(resolved.get("strategy"), str):
         facts.append(["strategy", resolved["strategy"]])

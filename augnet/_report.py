@@ -140,6 +140,7 @@ def build_contact_sheet(
     shared_scale: bool = True,
     overlay: bool = False,
     alpha: float = 0.8,
+    quantity: str | None = None,
 ) -> Figure:
     """Builds the contact sheet figure (see `contact_sheet`) without saving it.
 
@@ -166,6 +167,8 @@ def build_contact_sheet(
         overlay: Blend each panel over `image` (which must then have the maps' height and
             width), as `render_saliency(..., image=image)` does.
         alpha: With `overlay`, the colour's weight where saliency is largest, in [0, 1].
+        quantity: What the maps are, for the colour bar (mathtext allowed), when they are not
+            the Jacobian (an attribution method's maps); titles then say "|map|", not "|J|".
 
     Returns:
         A `matplotlib.figure.Figure` with a `FigureCanvasAgg` canvas.
@@ -197,6 +200,9 @@ def build_contact_sheet(
     alpha = _render._check_alpha(alpha)
     if not isinstance(overlay, bool):
         raise TypeError(invalid_value("overlay", overlay, "True or False"))
+    if quantity is not None and not isinstance(quantity, str):
+        raise TypeError(invalid_value("quantity", quantity, "None or a string"))
+    symbol = "J" if quantity is None else "map"
     if overlay:
         _render._check_image(image, tuple(array.shape[1:3]))
     if title is not None and not isinstance(title, str):
@@ -254,9 +260,9 @@ def build_contact_sheet(
             lines.append(f"pred {_format_number(values[position - 1])}")
         magnitude = float(np.abs(jacobian_map).max())
         if shared_scale:
-            lines.append(f"max |J| {_format_number(magnitude)}")
+            lines.append(f"max |{symbol}| {_format_number(magnitude)}")
         else:
-            lines.append(f"p{percentile:g} |J| {_format_number(per_map[position - 1])}")
+            lines.append(f"p{percentile:g} |{symbol}| {_format_number(per_map[position - 1])}")
         ax.set_title("\n".join(lines), fontsize=8.5)
         axes.append(ax)
 
@@ -264,7 +270,7 @@ def build_contact_sheet(
         ax.set_xticks([])
         ax.set_yticks([])
 
-    quantity = _quantity_label(mode, reduce, n_channels)
+    quantity = _quantity_label(mode, reduce, n_channels) if quantity is None else quantity
     lut = (
         _render.signed_lut(colormap)
         if signed
@@ -276,7 +282,7 @@ def build_contact_sheet(
         limit = pooled
         note = (
             f"one scale for all panels: colour ends at {'±' if signed else ''}"
-            f"{_format_number(pooled)} = {pct} of |J| over all maps; larger values clipped"
+            f"{_format_number(pooled)} = {pct} of |{symbol}| over all maps; larger values clipped"
         )
     elif shared_scale:
         limit = 1.0
@@ -284,7 +290,7 @@ def build_contact_sheet(
     else:
         limit = 1.0
         note = (
-            f"each map divided by its own {pct} of |J|, given in its title, and clipped; "
+            f"each map divided by its own {pct} of |{symbol}|, given in its title, and clipped; "
             "colours do not compare between panels"
         )
         quantity = f"{quantity} / {pct}"

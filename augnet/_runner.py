@@ -98,6 +98,9 @@ class RunOptions:
         command_line: shown to another run that finds the folder locked.
         logits: the Jacobian of the scores before the model's final softmax/sigmoid
             (``augnet.jacobian(..., logits=True)``); recorded in run.json when set.
+        method, method_options: an attribution method (``augnet._attribution``) whose maps are
+            written instead of the Jacobian, with its options as ``(name, value)`` pairs;
+            ``None``: the Jacobian (augnet/_compute_attribution.py).
     """
 
     model: str | None
@@ -128,6 +131,8 @@ class RunOptions:
     command: str = "jacobian"
     command_line: str = ""
     logits: bool = False
+    method: str | None = None
+    method_options: tuple = ()
 
 
 @dataclass(frozen=True)
@@ -146,6 +151,8 @@ class BatchConfig:
         formats, contact_sheet, mode, cmap, percentile, reduce, overlay, alpha, scale, colorbar:
             as in :class:`RunOptions`.
         logits: Jacobians of the scores before the final softmax/sigmoid.
+        method, method_options: the attribution method and its prepared options, or ``None``
+            for the Jacobian.
     """
 
     input_shape: tuple[int, ...]
@@ -167,6 +174,8 @@ class BatchConfig:
     scale: str
     colorbar: bool
     logits: bool = False
+    method: str | None = None
+    method_options: tuple = ()
 
     @property
     def pictures(self) -> bool:
@@ -493,6 +502,13 @@ def plan_run(
     }
     if options.logits:  # only when set: earlier runs' folders (and the demo's) resume as they are
         settings["logits"] = True
+    method_options = ()
+    if options.method is not None:  # an attribution method: its options are settings too
+        from augnet._compute_attribution import prepare_options
+
+        prepared = prepare_options(model, options.method, dict(options.method_options), in_shape)
+        settings.update(method=options.method, method_options=prepared)
+        method_options = tuple(sorted(prepared.items()))
     root = _imageio.input_root(items)
     info = {
         "model_file": Path(options.model).name if options.model else None,
@@ -543,6 +559,8 @@ def plan_run(
             scale=options.scale,
             colorbar=bool(options.colorbar),
             logits=bool(options.logits),
+            method=options.method,
+            method_options=method_options,
         )
     except BaseException:
         store.close()

@@ -130,12 +130,13 @@ def rows_of(kind: str, model, x) -> np.ndarray:
 
 
 def augnet_noise(x: np.ndarray, n: int, seed: int = 0) -> np.ndarray:
-    """The noise augnet.smoothgrad(seed=seed) draws: ``(n, B, *shape)``, point by point."""
-    streams = np.random.default_rng(seed).spawn(len(x))  # one stream per sample
-    eps = np.stack([s.standard_normal((n, x[0].size), dtype=np.float32) for s in streams])
+    """The noise augnet.smoothgrad(seed=seed) draws: ``(n, B, *shape)``: copy ``j`` of every
+    sample is ``σ_i z_j``, ``z_j`` from the ``j``-th stream spawned from the seed."""
+    streams = np.random.default_rng(seed).bit_generator.seed_seq.spawn(n)  # one per copy
+    z = np.stack([np.random.default_rng(s).standard_normal(x[0].size, np.float32) for s in streams])
     flat = x.reshape(len(x), -1).astype(np.float64)
     sigma = (NOISE * (flat.max(1) - flat.min(1))).astype(np.float32)  # scaled in float32,
-    eps = eps.reshape(len(x), n, *x.shape[1:]) * sigma.reshape(-1, 1, *([1] * (x.ndim - 1)))
+    eps = z.reshape(1, n, *x.shape[1:]) * sigma.reshape(-1, 1, *([1] * (x.ndim - 1)))
     return np.moveaxis(eps, 1, 0)  # as augnet does: the same points to the last bit
 
 

@@ -3,8 +3,8 @@
 Row ``i`` selects sample ``i``'s flat output indices, so ``J[i, j] = ∂y[i, rows[i, j]]/∂x[i]``:
 what the attribution methods need for ``top_k`` (chosen on the clean input, followed through
 every noisy copy or path point). Checked against selecting one sample at a time and against a
-plain per-output GradientTape loop, for every strategy, chunked and not, eagerly and inside
-``tf.function``.
+plain per-output gradient loop (the backend's own, tests/conftest.py), for every strategy, chunked
+and not, eagerly and (TensorFlow) inside ``tf.function``.
 """
 
 from __future__ import annotations
@@ -74,9 +74,8 @@ def test_per_sample_rows_list_of_lists_and_iter_jacobian(mlp):
     np.testing.assert_allclose(out, J, **TOL["float32"])
 
 
-def test_per_sample_rows_inside_tf_function_and_to_npy(mlp, tmp_path):
-    import tensorflow as tf
-
+@pytest.mark.tensorflow_only
+def test_per_sample_rows_inside_tf_function(mlp, tf):
     import augnet
 
     model, x, ref = mlp
@@ -87,6 +86,13 @@ def test_per_sample_rows_inside_tf_function_and_to_npy(mlp, tmp_path):
         return augnet.jacobian(model, x, outputs=ROWS)
 
     np.testing.assert_allclose(traced(tf.constant(x)).numpy(), expected, **TOL["float32"])
+
+
+def test_per_sample_rows_to_npy(mlp, tmp_path):
+    import augnet
+
+    model, x, ref = mlp
+    expected = np.stack([ref[i, ROWS[i]] for i in range(4)])
     path = augnet.jacobian_to_npy(model, x, tmp_path / "J.npy", outputs=ROWS, batch_size=3)
     np.testing.assert_allclose(np.load(path), expected, **TOL["float32"])
 

@@ -21,16 +21,19 @@ gap ``Σ IG_k − (y_k(x) − y_k(x₀))`` per sample and output (captum's conve
 with the number of steps on smooth networks (fastest with Gauss–Legendre), and stays at the size
 of the kinks crossed on piecewise-linear (ReLU) networks, where the integrand jumps.
 
-Cost: ``steps`` Jacobians of the batch (``steps × batch`` forward passes, ``steps × batch × k``
-backward passes) plus two forward passes (``f(x)``, ``f(x₀)``), in as few engine passes as the
-memory budget allows.
+The sum over the path is itself a Jacobian: with ``g(x, x₀) = Σ_j w_j f(x₀ + α_j (x − x₀))``,
+``∂g/∂x + ∂g/∂x₀ = Σ_j w_j ∂f/∂x (x₀ + α_j (x − x₀))``, so one engine call on ``g`` per group of
+path points gives it for every selected output, the points' gradients summed inside the backward
+pass (``_summed.py``). Cost: ``steps × batch`` forward passes and ``steps × batch × k`` backward
+passes plus two forward passes (``f(x)``, ``f(x₀)``), in as few engine passes as the memory
+budget allows.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from augnet._attribution import _arrays, _base
+from augnet._attribution import _arrays, _base, _summed
 from augnet._errors import invalid_value
 
 RULES = ("riemann_left", "riemann_right", "riemann_middle", "riemann_trapezoid", "gausslegendre")
@@ -166,20 +169,25 @@ def integrated_gradients(
         engine=_base.engine_options(engine, "integrated_gradients"),
     )
     alphas, weights = quadrature(rule, steps)
-    n = len(alphas)
     x0 = _baselines(problem, baseline, blur_sigma)
     diff = [a - b for a, b in zip(problem.leaves, x0)]
-    alphas_t = alphas.astype(problem.dtype)
+    # Σ_j w_j J(x0 + α_j (x − x0)) is the Jacobian of Σ_j w_j f(x0 + α_j (x − x0)) with respect
+    # to x plus that with respect to x0: one engine call per group of path points.
+    if _summed.supported(problem):
+        totals = _summed.path_sums(problem, x0, alphas, weights)
+    else:  # a plain callable: the path points' Jacobians, summed
+        diff_t = [d.astype(problem.dtype) for d in diff]
+        alphas_t = alphas.astype(problem.dtype)
 
-    def make_points(owners, copies):
-        points = []
-        for b, d in zip(x0, diff):
-            alpha = alphas_t[copies].reshape(-1, *([1] * (d.ndim - 1)))
-            points.append(b[owners] + alpha * d[owners])
-        return points
+        def make_points(owners, copies):
+            points = []
+            for b, d in zip(x0, diff_t):
+                alpha = alphas_t[copies].reshape(-1, *([1] * (d.ndim - 1)))
+                points.append(b[owners] + alpha * d[owners])
+            return points
 
-    sums = _base.stream_sums(problem, make_points, n, weights=weights)
-    flat = [t * d[:, None] for t, d in zip(sums.total, diff)]
+        totals = _base.stream_sums(problem, make_points, len(alphas), weights=weights).total
+    flat = [t * d[:, None] for t, d in zip(totals, diff)]
     at_baseline = problem.selected(
         _base.predict_flat(problem, x0), np.arange(problem.batch)
     ).astype(np.float64)
