@@ -195,7 +195,43 @@ def _common_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="show tracebacks and TensorFlow's log messages instead of one-line errors",
     )
+    common.add_argument(
+        "--backend",
+        choices=BACKENDS,
+        default=argparse.SUPPRESS,  # (absent: KERAS_BACKEND, else Keras's own setting)
+        help="the Keras backend to run on (default: $KERAS_BACKEND, else ~/.keras/keras.json's, "
+        "else tensorflow)",
+    )
     return common
+
+
+BACKENDS = ("tensorflow", "jax", "torch")
+_EXTRAS = {"tensorflow": "tensorflow", "jax": "jax", "torch": "torch"}
+
+
+def select_backend(name: str) -> None:
+    """``--backend NAME``: sets ``KERAS_BACKEND`` before Keras is imported (it reads it once).
+
+    Raises:
+        UsageError: the backend's framework is not installed, or Keras already runs on another
+            backend in this process (``main`` called from a program that imported it).
+    """
+    import importlib.util
+
+    keras_module = sys.modules.get("keras")
+    if keras_module is not None:
+        current = keras_module.backend.backend()
+        if current != name:
+            raise UsageError(
+                f"--backend {name}: Keras already runs on {current!r} in this process (it "
+                "chooses its backend once, when first imported); run augnet in a new process, "
+                f"or set KERAS_BACKEND={name} before importing Keras"
+            )
+        return
+    if importlib.util.find_spec(_EXTRAS[name]) is None:
+        extra = "" if name == "tensorflow" else f' (python -m pip install -e ".[{name}]")'
+        raise UsageError(f"--backend {name}: {_EXTRAS[name]} is not installed{extra}")
+    os.environ["KERAS_BACKEND"] = name
 
 
 def _job_parser() -> argparse.ArgumentParser:
@@ -890,6 +926,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         logging.basicConfig(level=logging.DEBUG, format=f"{PROG}: %(name)s: %(message)s")
     handler = None if args.debug else _warnings_once()
     try:
+        if getattr(args, "backend", None):
+            select_backend(args.backend)
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
         if args.debug:

@@ -208,6 +208,57 @@ def test_a_saved_model_gives_the_same_jacobian_on_another_backend(name, tmp_path
     np.testing.assert_allclose(J, np.load(tmp_path / "J_trained.npy"), rtol=1e-5, atol=1e-6)
 
 
+_LOAD_SCRIPT = """
+import sys
+from pathlib import Path
+
+import keras
+import numpy as np
+
+import augnet
+
+root = Path(sys.argv[1])
+x = np.load(root / "x.npy")
+np.save(root / "J_loaded.npy", augnet.load_model(root / "trained.keras").return_jacobian(x))
+print(keras.backend.backend())
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("source,target", [("jax", "torch"), ("torch", "jax")])
+def test_a_model_trained_on_one_other_backend_loads_on_the_third(source, target, tmp_path):
+    """The pair the TensorFlow run above leaves out: a model trained and saved with Keras on
+    ``source`` loads with Keras on ``target`` and gives the Jacobian it had there."""
+    import numpy as np
+
+    if os.environ.get(SUBRUN):
+        pytest.skip("inside a per-backend run")
+    for name in (source, target):
+        if importlib.util.find_spec(FRAMEWORK[name]) is None:
+            pytest.skip(f"{FRAMEWORK[name]} is not installed")
+    model = _cross_model()
+    rng = np.random.default_rng(62)
+    x = rng.uniform(-1, 1, size=(8, 6, 6, 2)).astype("float32")
+    np.save(tmp_path / "x.npy", x)
+    np.save(tmp_path / "y.npy", rng.normal(size=(8, 3)).astype("float32"))
+    model.save(tmp_path / "model.keras")
+    model.save(tmp_path / "model.h5")
+    for name, script in ((source, _CROSS_SCRIPT), (target, _LOAD_SCRIPT)):
+        proc = subprocess.run(
+            [sys.executable, "-c", script, str(tmp_path)],
+            cwd=ROOT,
+            env=_backend_env(name),
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        assert proc.returncode == 0, _tail(proc.stdout + proc.stderr)
+        assert proc.stdout.strip().splitlines()[-1] == name
+    there = np.load(tmp_path / "J_trained.npy")
+    assert np.abs(there - np.load(tmp_path / "J_keras.npy")).max() > 1e-4  # trained there
+    np.testing.assert_allclose(np.load(tmp_path / "J_loaded.npy"), there, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("name", ["numpy", "jax", "torch"])
 def test_a_backend_without_a_seam_module_is_a_clear_error(name):
     if (ROOT / "augnet" / "_backend" / f"{name}.py").exists():
