@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import TOL, float64_keras, tape_loop_jacobian, to_numpy
+from conftest import TOL, f64_activation, float64_keras, predict, tape_loop_jacobian, to_numpy
 
 RULES = ("riemann_left", "riemann_right", "riemann_middle", "riemann_trapezoid", "gausslegendre")
 
@@ -35,16 +35,18 @@ def linear():
 
 @pytest.fixture(scope="module")
 def smooth():
-    """A small smooth (tanh) network in float64."""
+    """A small smooth network in float64 (tanh, or sigmoid where Keras computes tanh of float64
+    in float32: conftest.f64_activation)."""
     import keras
 
     keras.utils.set_random_seed(5)
+    act = f64_activation()
     with float64_keras():
         model = keras.Sequential(
             [
                 keras.Input((6,)),
-                keras.layers.Dense(8, activation="tanh"),
-                keras.layers.Dense(3, activation="tanh"),
+                keras.layers.Dense(8, activation=act),
+                keras.layers.Dense(3, activation=act),
             ]
         )
     x = np.random.default_rng(2).normal(size=(3, 6))
@@ -522,7 +524,7 @@ def test_gradcam_on_global_average_pooling_is_the_class_activation_map():
             ]
         )
     x = np.random.default_rng(0).normal(size=(2, 6, 6, 2))
-    A = to_numpy(keras.Model(model.inputs[0], model.get_layer("conv").output)(x))
+    A = predict(keras.Model(model.inputs[0], model.get_layer("conv").output), x)
     W = model.get_layer("fc").kernel.numpy()  # (4, 3)
     # CAM (Zhou et al. 2016): Σ_c W[c, k] A_c; Grad-CAM's α_kc = W[c, k] / (6·6).
     cam = np.maximum(np.einsum("bhwc,ck->bkhw", A, W) / 36.0, 0.0)

@@ -129,8 +129,9 @@ def test_column_blocks_with_top_k():
 
 
 def test_the_attribution_sums_receive_column_blocks(monkeypatch):
-    """augnet/_attribution/_base.py folds the engine's column blocks (no stacked copy), and the
-    result is the plain mean of the Jacobians at its points."""
+    """augnet/_attribution/_base.py folds the engine's column blocks (no stacked copy) where it
+    needs every point's Jacobian (SquareGrad, VarGrad; SmoothGrad and IG are one Jacobian of a
+    summed model instead), and the result is the plain mean of the squared Jacobians."""
     from augnet._attribution import _base
 
     seen = []
@@ -144,8 +145,8 @@ def test_the_attribution_sums_receive_column_blocks(monkeypatch):
     monkeypatch.setattr(_base, "iter_jacobian", spy)
     model = _model()
     x = RNG.normal(size=(2, 5)).astype("float32")
-    sg = augnet.smoothgrad(
+    sq = augnet.squaregrad(
         model, x, n_samples=3, noise=np.zeros((3, 5), "float32"), strategy="loop"
     )
     assert seen and set(seen) == {"list"}
-    np.testing.assert_allclose(sg, augnet.jacobian(model, x, strategy="loop"), **F32)
+    np.testing.assert_allclose(sq, np.square(augnet.jacobian(model, x, strategy="loop")), **F32)

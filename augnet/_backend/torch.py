@@ -109,7 +109,8 @@ def float64_compute(active: bool = True):
 
 def _any_float64(values) -> bool:
     return any(
-        isinstance(v, torch.Tensor) and v.dtype == torch.float64 for v in keras.tree.flatten(values)
+        isinstance(v, torch.Tensor | np.ndarray) and v.dtype in (torch.float64, np.float64)
+        for v in keras.tree.flatten(values)
     )
 
 
