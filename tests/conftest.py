@@ -127,8 +127,9 @@ def keeps_float64(op: str = "tanh") -> bool:
 
     Keras 3.15's type promotion (``keras.src.backend.common.dtypes``) maps float64 to float32 on
     every backend but TensorFlow for ``tanh``, ``sin``, ``cos``, ``floor``, ``ceil`` and a few
-    other ops, also with ``JAX_ENABLE_X64=1``: a float64 model built with them computes them in
-    float32 there, and so does its exact Jacobian (ARCHITECTURE.md, "float64").
+    other ops, also with ``JAX_ENABLE_X64=1``: called by Keras outside augnet, a float64 model
+    built with them computes them in float32 there (augnet and the references here lift that
+    mapping while they run one: :func:`float64_compute`; ARCHITECTURE.md, "float64").
     """
     import keras
 
@@ -271,7 +272,8 @@ def _stateless_call(model, trainable, non_trainable, x, training):
     """``model.stateless_call(...)[0]``, with ``training`` only for a call that takes it (it goes
     to ``call`` itself, unfiltered)."""
     kwargs = {"training": training} if getattr(model, "_call_has_training_arg", True) else {}
-    return model.stateless_call(trainable, non_trainable, x, **kwargs)[0]
+    with float64_compute(x):  # float64 in float64 (read when JAX traces the call)
+        return model.stateless_call(trainable, non_trainable, x, **kwargs)[0]
 
 
 def _jax_loop(model, leaves, rebuild_in, training):
@@ -292,19 +294,21 @@ def _jax_loop(model, leaves, rebuild_in, training):
         def f(xs):
             return model(rebuild_in(xs))
 
-    y = f(xs)
-    ys = _Outputs(y)
-    rows = []
-    for o, shape in enumerate(ys):
+    # Traced (and so computed) in float64 for float64 inputs, as augnet computes them.
+    with float64_compute(leaves):
+        y = f(xs)
+        ys = _Outputs(y)
+        rows = []
+        for o, shape in enumerate(ys):
 
-        def one_output(xs, j, o=o):  # output j of every sample, summed over the batch
-            yo = _flatten(f(xs))[0][o]
-            return jnp.sum(jnp.take(jnp.reshape(yo, (yo.shape[0], -1)), j, axis=1))
+            def one_output(xs, j, o=o):  # output j of every sample, summed over the batch
+                yo = _flatten(f(xs))[0][o]
+                return jnp.sum(jnp.take(jnp.reshape(yo, (yo.shape[0], -1)), j, axis=1))
 
-        # jax.grad of one output at a time; jitted with the output index as an argument (compiled
-        # once, not traced op by op for every output).
-        grad = jax.jit(jax.grad(one_output))
-        rows.append([[np.asarray(g) for g in grad(xs, jnp.int32(j))] for j in range(_m(shape))])
+            # jax.grad of one output at a time; jitted with the output index as an argument
+            # (compiled once, not traced op by op for every output).
+            grad = jax.jit(jax.grad(one_output))
+            rows.append([[np.asarray(g) for g in grad(xs, jnp.int32(j))] for j in range(_m(shape))])
     return rows, ys
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import float64_keras, to_numpy
+from conftest import float64_keras, predict
 
 
 @pytest.fixture(scope="module")
@@ -78,7 +78,7 @@ def test_attribution_results_carry_their_outputs():
     np.testing.assert_array_equal(by_result.indices, top.indices)
     np.testing.assert_allclose(by_result.scores, by_array.scores)
     # Each curve follows its own output: step 0 is y_k(x), the last step y_k(baseline = 0).
-    preds = to_numpy(model(x))
+    preds = predict(model, x)  # float64 computed in float64, as augnet does
     np.testing.assert_allclose(by_result.scores[..., 0], np.take_along_axis(preds, top.indices, 1))
     bias = model.layers[0].bias.numpy()
     np.testing.assert_allclose(by_result.scores[..., -1], bias[top.indices])

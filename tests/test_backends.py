@@ -55,6 +55,10 @@ NUMERIC_SUITE = [
     "test_padding.py",
     "test_mixed_precision.py",
     "test_jax.py",  # (skipped on the other backends)
+    # the attribution methods and their metrics
+    "test_attribution_methods.py",
+    "test_attribution_metrics.py",
+    "test_attribution_outputs.py",
 ]
 # Tests of one backend's particulars, run in that backend's subprocess too.
 BACKEND_SUITE = {"torch": ["test_torch_backend.py"]}

@@ -20,10 +20,11 @@ what is particular to JAX is said here:
   reverse mode only, as on every backend.
 - **float64**: JAX computes float64 only with ``JAX_ENABLE_X64=1`` (``jax_enable_x64``) set before
   JAX starts; without it every float64 array silently becomes float32. :func:`convert` refuses a
-  float64 request then, with the way out. Keras 3.15 itself computes ``tanh``/``sin``/``cos`` and
-  a few other ops of float64 tensors in float32 on JAX (its type promotion maps float64 to float32
-  on every backend but TensorFlow); augnet differentiates the model as Keras computes it, so
-  through those ops a float64 Jacobian has float32 precision (ARCHITECTURE.md).
+  float64 request then, with the way out. Keras 3.15's type promotion maps float64 to float32 on
+  every backend but TensorFlow, so on JAX ``keras.ops.mean`` (global pooling), ``tanh``, ``sin``...
+  of float64 tensors compute in float32; :func:`call_model` lifts that mapping while it runs a
+  model on float64 inputs (``augnet/_backend/_float64.py``, shared with torch), so a float64
+  model is computed, and differentiated, in float64.
 """
 
 from __future__ import annotations
@@ -39,6 +40,8 @@ import jax.numpy as jnp
 import keras
 import numpy as np
 from keras.src.backend.common.stateless_scope import in_stateless_scope as _in_stateless_scope
+
+from augnet._backend._float64 import any_float64, float64_compute
 
 name = "jax"
 
@@ -232,7 +235,10 @@ def call_model(model, state, inputs, training: bool):
     # As Keras's own JAX trainer: `training` only for a call that takes it (stateless_call passes
     # its keyword arguments to `call` itself, not through `__call__`, which would filter them).
     kwargs = {"training": training} if getattr(model, "_call_has_training_arg", True) else {}
-    return model.stateless_call(trainable, non_trainable, inputs, **kwargs)[0]
+    # A float64 model in float64: Keras 3.15 would compute `mean` (global pooling), `tanh`... of
+    # float64 tensors in float32 on JAX (augnet/_backend/_float64.py); read when traced.
+    with float64_compute(any_float64(inputs)):
+        return model.stateless_call(trainable, non_trainable, inputs, **kwargs)[0]
 
 
 def parameter_vjp(model, variables: Sequence, f: Callable):

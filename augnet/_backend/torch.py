@@ -36,7 +36,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
-import threading
 from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
@@ -46,6 +45,7 @@ import torch
 from torch.utils import _pytree as pytree
 
 from augnet._backend import _torch_graph as graph
+from augnet._backend._float64 import float64_compute
 
 name = "torch"
 
@@ -78,33 +78,8 @@ _FLOATING = {"float16", "bfloat16", "float32", "float64"}
 # float64 in Keras on torch
 # --------------------------------------------------------------------------------------------------
 
-_LIFT_LOCK = threading.RLock()
-_lift = {"depth": 0, "saved": None}
-
-
-@contextlib.contextmanager
-def float64_compute(active: bool = True):
-    """While active, Keras's type promotion keeps float64 as float64 (Keras 3.15 maps it to
-    float32 off TensorFlow, so ``keras.ops.matmul`` of two float64 tensors computes in float32).
-    Re-entrant; Keras's table is restored when the outermost block exits."""
-    if not active:
-        yield
-        return
-    from keras.src.backend.common import dtypes as keras_dtypes
-
-    table = keras_dtypes.BIT64_TO_BIT32_DTYPE
-    with _LIFT_LOCK:
-        if _lift["depth"] == 0:
-            _lift["saved"] = table.get("float64")
-            table["float64"] = "float64"
-        _lift["depth"] += 1
-    try:
-        yield
-    finally:
-        with _LIFT_LOCK:
-            _lift["depth"] -= 1
-            if _lift["depth"] == 0:
-                table["float64"] = _lift["saved"]
+# float64_compute (Keras's float64 -> float32 promotion lifted) is shared with the JAX seam
+# (augnet/_backend/_float64.py).
 
 
 def _any_float64(values) -> bool:
