@@ -573,7 +573,9 @@ def _check_range(arr: np.ndarray, size: int, shape: tuple, argument: str) -> Non
 
 def _call(model, inputs):
     if _is_keras_model(model):
-        if _holds_float64(inputs):
+        from augnet._backend._float64 import any_float64
+
+        if any_float64(inputs):
             # Through the seam, which computes a float64 model in float64 on every backend
             # (Keras maps float64 to float32 in its type promotion off TensorFlow).
             import keras
@@ -584,12 +586,6 @@ def _call(model, inputs):
             return keras.tree.map_structure(B.to_numpy, out)
         return model.predict_on_batch(inputs)  # compiled, inference mode
     return model(inputs)
-
-
-def _holds_float64(inputs) -> bool:
-    import keras
-
-    return any(str(getattr(a, "dtype", "")) == "float64" for a in keras.tree.flatten(inputs))
 
 
 def predict_batch_size(problem: Problem) -> int:

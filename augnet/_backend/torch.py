@@ -45,6 +45,7 @@ import torch
 from torch.utils import _pytree as pytree
 
 from augnet._backend import _torch_graph as graph
+from augnet._backend._float64 import any_float64 as _any_float64
 from augnet._backend._float64 import float64_compute
 
 name = "torch"
@@ -80,13 +81,6 @@ _FLOATING = {"float16", "bfloat16", "float32", "float64"}
 
 # float64_compute (Keras's float64 -> float32 promotion lifted) is shared with the JAX seam
 # (augnet/_backend/_float64.py).
-
-
-def _any_float64(values) -> bool:
-    return any(
-        isinstance(v, torch.Tensor | np.ndarray) and v.dtype in (torch.float64, np.float64)
-        for v in keras.tree.flatten(values)
-    )
 
 
 # --------------------------------------------------------------------------------------------------

@@ -132,10 +132,8 @@ def jacobian(
     run = prepare.prepared(fn, x, options, derivatives, fast=fast_lane)
     if run.fast is not None:
         J = run.fast(x)
-        parts = [J] if isinstance(J, np.ndarray) else B.nest_flatten(J)
-        nonzero = checks.nonzero_samples(parts, len(parts[0]))
-        if not nonzero.all():
-            checks.warn_all_zero(np.flatnonzero(~nonzero))
+        parts = [J] if isinstance(J, np.ndarray) else B.nest_flatten(J)  # (no walk: hot path)
+        checks.warn_zero_samples(parts, len(parts[0]))
         return J
     if B.is_symbolic(*run.tensors):
         return symbolic_jacobian(run)
@@ -157,9 +155,7 @@ def jacobian(
                 indices[samples, columns] = outs
     finally:
         restore()
-    nonzero = checks.nonzero_samples(results, n_samples)
-    if not nonzero.all():
-        checks.warn_all_zero(np.flatnonzero(~nonzero))
+    checks.warn_zero_samples(results, n_samples)
     return assemble(run, results, indices)
 
 

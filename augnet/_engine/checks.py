@@ -276,6 +276,14 @@ def nonzero_samples(values: list, n: int) -> np.ndarray:
     return found
 
 
+def warn_zero_samples(values: list, n: int, what: str = "augnet.jacobian") -> None:
+    """:func:`warn_all_zero` for the samples of ``values`` (as :func:`nonzero_samples` takes
+    them) whose whole Jacobian is exactly zero; the warning points at the caller's caller."""
+    nonzero = nonzero_samples(values, n)
+    if not nonzero.all():
+        warn_all_zero(np.flatnonzero(~nonzero), what, stacklevel=4)
+
+
 def warn_all_zero(zero: np.ndarray, what: str = "augnet.jacobian", stacklevel: int = 3) -> None:
     """A :class:`ZeroJacobianWarning` for the samples ``zero`` (indices) whose whole Jacobian is
     exactly zero."""
