@@ -569,3 +569,30 @@ def zoo():
         return _ZOO_CACHE[name]
 
     return get
+
+
+# --------------------------------------------------------------------------------------------------
+# The command line, in-process
+# --------------------------------------------------------------------------------------------------
+
+
+def run_cli(capsys, *argv) -> tuple[int, str, str]:
+    """``augnet ARGV`` in this process: ``(exit code, stdout, stderr)``."""
+    from augnet import _cli
+
+    code = _cli.main([str(a) for a in argv])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def assert_one_line_error(code: int, err: str, pattern: str) -> None:
+    """A user's mistake as the command line promises it: exit 2, one line ``augnet: error: ...``
+    matching ``pattern``, no traceback."""
+    import re
+
+    assert code == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith("augnet: error: "), err
+    assert re.search(pattern, lines[0]), lines[0]
+    assert "Traceback" not in err

@@ -168,6 +168,36 @@ def _cross_model():
     return keras.Model(i, L.Dense(3)(L.Dropout(0.3)(h)), name="cross")
 
 
+def _save_cross_files(root: Path, seed: int):
+    """:func:`_cross_model` saved as ``model.keras`` and ``model.h5`` in ``root``, with the inputs
+    ``x.npy`` (8, 6, 6, 2) and training targets ``y.npy`` the scripts read; ``(model, x)``."""
+    import numpy as np
+
+    model = _cross_model()
+    rng = np.random.default_rng(seed)
+    x = rng.uniform(-1, 1, size=(8, 6, 6, 2)).astype("float32")
+    np.save(root / "x.npy", x)
+    np.save(root / "y.npy", rng.normal(size=(8, 3)).astype("float32"))
+    model.save(root / "model.keras")
+    model.save(root / "model.h5")
+    return model, x
+
+
+def _run_script_on(name: str, script: str, root: Path) -> None:
+    """``script`` in a fresh interpreter with Keras on backend ``name``, given ``root``; it must
+    succeed and print the backend it ran on last."""
+    proc = subprocess.run(
+        [sys.executable, "-c", script, str(root)],
+        cwd=ROOT,
+        env=_backend_env(name),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, _tail(proc.stdout + proc.stderr)
+    assert proc.stdout.strip().splitlines()[-1] == name
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["tensorflow", "jax", "torch"])
 def test_a_saved_model_gives_the_same_jacobian_on_another_backend(name, tmp_path):
@@ -185,24 +215,9 @@ def test_a_saved_model_gives_the_same_jacobian_on_another_backend(name, tmp_path
         pytest.skip(f"augnet has no {name} backend yet")
     if importlib.util.find_spec(FRAMEWORK[name]) is None:
         pytest.skip(f"{FRAMEWORK[name]} is not installed")
-    model = _cross_model()
-    rng = np.random.default_rng(61)
-    x = rng.uniform(-1, 1, size=(8, 6, 6, 2)).astype("float32")
-    np.save(tmp_path / "x.npy", x)
-    np.save(tmp_path / "y.npy", rng.normal(size=(8, 3)).astype("float32"))
-    model.save(tmp_path / "model.keras")
-    model.save(tmp_path / "model.h5")
+    model, x = _save_cross_files(tmp_path, seed=61)
     here = augnet.jacobian(model, x)
-    proc = subprocess.run(
-        [sys.executable, "-c", _CROSS_SCRIPT, str(tmp_path)],
-        cwd=ROOT,
-        env=_backend_env(name),
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert proc.returncode == 0, _tail(proc.stdout + proc.stderr)
-    assert proc.stdout.strip().splitlines()[-1] == name
+    _run_script_on(name, _CROSS_SCRIPT, tmp_path)
     for suffix in ("keras", "h5"):
         there = np.load(tmp_path / f"J_{suffix}.npy")
         np.testing.assert_allclose(there, here, rtol=1e-5, atol=1e-6, err_msg=suffix)
@@ -240,24 +255,9 @@ def test_a_model_trained_on_one_other_backend_loads_on_the_third(source, target,
     for name in (source, target):
         if importlib.util.find_spec(FRAMEWORK[name]) is None:
             pytest.skip(f"{FRAMEWORK[name]} is not installed")
-    model = _cross_model()
-    rng = np.random.default_rng(62)
-    x = rng.uniform(-1, 1, size=(8, 6, 6, 2)).astype("float32")
-    np.save(tmp_path / "x.npy", x)
-    np.save(tmp_path / "y.npy", rng.normal(size=(8, 3)).astype("float32"))
-    model.save(tmp_path / "model.keras")
-    model.save(tmp_path / "model.h5")
-    for name, script in ((source, _CROSS_SCRIPT), (target, _LOAD_SCRIPT)):
-        proc = subprocess.run(
-            [sys.executable, "-c", script, str(tmp_path)],
-            cwd=ROOT,
-            env=_backend_env(name),
-            capture_output=True,
-            text=True,
-            timeout=600,
-        )
-        assert proc.returncode == 0, _tail(proc.stdout + proc.stderr)
-        assert proc.stdout.strip().splitlines()[-1] == name
+    _save_cross_files(tmp_path, seed=62)
+    _run_script_on(source, _CROSS_SCRIPT, tmp_path)
+    _run_script_on(target, _LOAD_SCRIPT, tmp_path)
     there = np.load(tmp_path / "J_trained.npy")
     assert np.abs(there - np.load(tmp_path / "J_keras.npy")).max() > 1e-4  # trained there
     np.testing.assert_allclose(np.load(tmp_path / "J_loaded.npy"), there, rtol=1e-5, atol=1e-6)

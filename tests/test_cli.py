@@ -20,6 +20,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import assert_one_line_error
+from conftest import run_cli as run
 from PIL import Image
 
 from augnet import _cli, _compute, _imageio, _runner, _safeio, _store
@@ -37,23 +39,6 @@ def _command() -> list[str]:
     """The installed ``augnet`` script, else ``python -m augnet``."""
     exe = shutil.which("augnet")
     return [exe] if exe else [sys.executable, "-m", "augnet"]
-
-
-def run(capsys, *argv) -> tuple[int, str, str]:
-    code = _cli.main([str(a) for a in argv])
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
-
-
-def assert_one_line_error(code, err, pattern):
-    import re
-
-    assert code == 2, err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1, err
-    assert lines[0].startswith("augnet: error: "), err
-    assert re.search(pattern, lines[0]), lines[0]
-    assert "Traceback" not in err
 
 
 # ----------------------------------------------------------------------------------------------

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import inspect
 import json
-import re
 import shutil
 import subprocess
 import sys
@@ -19,27 +18,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import assert_one_line_error
+from conftest import run_cli as run
 from PIL import Image
 
 from augnet import _cli, _cli_attribution, _imageio, _runner, _store
 
 ROOT = Path(__file__).resolve().parents[1]
 SHAPE = (16, 16, 1)
-
-
-def run(capsys, *argv) -> tuple[int, str, str]:
-    code = _cli.main([str(a) for a in argv])
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
-
-
-def assert_one_line_error(code, err, pattern):
-    assert code == 2, err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1, err
-    assert lines[0].startswith("augnet: error: "), err
-    assert re.search(pattern, lines[0]), lines[0]
-    assert "Traceback" not in err
 
 
 # ----------------------------------------------------------------------------------------------

@@ -10,21 +10,13 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import backend
+from conftest import assert_one_line_error, backend
 
 from augnet import _cli
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = ROOT / "augnet" / "data" / "region_cnn.keras"
 FRAMEWORK = {"tensorflow": "tensorflow", "jax": "jax", "torch": "torch"}
-
-
-def _one_line(code: int, err: str, pattern: str) -> None:
-    import re
-
-    lines = err.strip().splitlines()
-    assert code == 2 and len(lines) == 1, err
-    assert re.search(pattern, lines[0]), lines[0]
 
 
 @pytest.mark.slow
@@ -50,13 +42,13 @@ def test_backend_option_chooses_keras_backend_and_info_says_so(name, tmp_path):
         assert f"backend: Keras on {name}; devices: " in proc.stdout, proc.stdout
 
 
-def test_another_backend_than_the_one_keras_runs_on_is_one_line(capsys):
+def test_another_backend_than_the_one_keras_runs_on_isassert_one_line_error(capsys):
     import keras
 
     current = keras.backend.backend()
     other = next(b for b in _cli.BACKENDS if b != current)
     code = _cli.main(["--backend", other, "info", str(MODEL)])
-    _one_line(
+    assert_one_line_error(
         code, capsys.readouterr().err, rf"--backend {other}: Keras already runs on '{current}'"
     )
     # the backend Keras runs on is accepted as it is
@@ -75,13 +67,15 @@ def test_a_backend_not_installed_names_the_extra(capsys, monkeypatch):
     )
     monkeypatch.setenv("KERAS_BACKEND", name)
     code = _cli.main(["--backend", "jax", "info", str(MODEL)])
-    _one_line(code, capsys.readouterr().err, r"--backend jax: jax is not installed .*\.\[jax\]")
+    assert_one_line_error(
+        code, capsys.readouterr().err, r"--backend jax: jax is not installed .*\.\[jax\]"
+    )
     assert os.environ["KERAS_BACKEND"] == name  # unchanged
 
 
-def test_an_unknown_backend_is_one_line(capsys):
+def test_an_unknown_backend_isassert_one_line_error(capsys):
     code = _cli.main(["--backend", "numpy", "info", str(MODEL)])
-    _one_line(code, capsys.readouterr().err, r"--backend: invalid choice: 'numpy'")
+    assert_one_line_error(code, capsys.readouterr().err, r"--backend: invalid choice: 'numpy'")
 
 
 def test_help_names_the_option_and_imports_no_framework():

@@ -15,25 +15,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import assert_one_line_error
+from conftest import run_cli as run
 from PIL import Image
 
 import augnet
-from augnet import _cli
-
-
-def run(capsys, *argv) -> tuple[int, str, str]:
-    code = _cli.main([str(a) for a in argv])
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
-
-
-def assert_one_line_error(code, err, pattern):
-    import re
-
-    assert code == 2, err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1, err
-    assert lines[0].startswith("augnet: error: ") and re.search(pattern, lines[0]), lines[0]
 
 
 def warning_lines(err: str) -> list[str]:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import signal
 import subprocess
@@ -26,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import assert_one_line_error as one_line
 from PIL import Image
 from ray_fixtures import ENV, _ray_session, free_port, ray_available, ray_cluster  # noqa: F401
 
@@ -55,13 +55,6 @@ def assert_same_run(out: Path, reference: Path) -> None:
     assert sorted(got) == sorted(want)
     differ = [k for k in want if got[k] != want[k]]
     assert not differ, differ[:10]
-
-
-def one_line(code: int, err: str, pattern: str) -> None:
-    lines = err.strip().splitlines()
-    assert code == 2 and len(lines) == 1, err
-    assert lines[0].startswith("augnet: error: "), err
-    assert re.search(pattern, lines[0]), lines[0]
 
 
 def main(capsys, *argv) -> tuple[int, str]:
