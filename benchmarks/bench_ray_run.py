@@ -217,7 +217,13 @@ def _ms(values) -> str:
     return f"{1e3 * statistics.median(values):.1f}" if values else "-"
 
 
-def report(args, results: dict, sizes: dict, seconds: float, when: str | None = None) -> str:
+def _startup(r: dict) -> float:
+    """Seconds before a contender's first batch could start: planning, then (Ray) the cluster and
+    every worker ready."""
+    return r["plan_s"] + r["ready_s"]
+
+
+def report(args, results: dict, sizes: dict, seconds: float, when: str) -> str:
     import keras
     import numpy as np
     import ray
@@ -231,7 +237,7 @@ def report(args, results: dict, sizes: dict, seconds: float, when: str | None = 
         + (f" --images {args.images}" if args.images != 400 else "")
         + (f" --batch-size {args.batch_size}" if args.batch_size != 16 else "")
         + (" --no-contact-sheet" if args.no_contact_sheet else "")
-        + f"` in {seconds / 60:.1f} minutes, {when or time.strftime('%Y-%m-%d %H:%M')}: "
+        + f"` in {seconds / 60:.1f} minutes, {when}: "
         f"{platform.platform()}, {os.cpu_count()} cores, Python {platform.python_version()}, "
         f"TensorFlow {tf.__version__}, Keras {keras.__version__}, Ray {ray.__version__}, "
         f"NumPy {np.__version__}.",
@@ -247,7 +253,7 @@ def report(args, results: dict, sizes: dict, seconds: float, when: str | None = 
         "|---|---:|---:|---:|---:|---:|---:|---|---|",
     ]
     for name, r in results.items():
-        startup = r["plan_s"] + r["ready_s"]
+        startup = _startup(r)
         speedup = r["steady_throughput"] / one["steady_throughput"]
         lines.append(
             f"| {name} | {r['wall_s']:.1f} | {startup:.1f} | {r['throughput']:.2f} | "
@@ -304,18 +310,18 @@ def report(args, results: dict, sizes: dict, seconds: float, when: str | None = 
     def wall(r, n):
         return r["wall_s"] - r["inputs"] / r["steady_throughput"] + n / r["steady_throughput"]
 
+    n_run = one["inputs"]
     scale = ", ".join(
-        f"{n:,} inputs {wall(one, n) / wall(two, n):.2f}x" for n in (400, 5_000, 50_000)
+        f"{n:,} inputs {wall(one, n) / wall(two, n):.2f}x" for n in (n_run, 5_000, 50_000)
     )
     quiet = max(r["load_before"] for r in results.values()) < 1.5 and two["cpu_share"] > 0.9
     verdict = "met" if target >= 1.8 else "NOT met"
     lines += [
         "",
         f"Target (issue 11): >= 1.8x with 2 workers on this 2-core machine: **{verdict}**, "
-        f"{target:.2f}x steady throughput; {whole:.2f}x over the whole 400-input run, start-up "
-        f"included (one process {one['plan_s'] + one['ready_s']:.1f} s, Ray 2 workers "
-        f"{two['plan_s'] + two['ready_s']:.1f} s before the first batch could start, paid once "
-        f"per run). Whole-run speed-up estimated from these figures "
+        f"{target:.2f}x steady throughput; {whole:.2f}x over the whole {n_run}-input run, "
+        f"start-up included (one process {_startup(one):.1f} s, Ray 2 workers "
+        f"{_startup(two):.1f} s before the first batch could start, paid once per run). Whole-run speed-up estimated from these figures "
         f"(start-up + inputs / steady throughput): {scale}. Per CPU second the workers actually "
         f"got (CPU share {two['cpu_share']:.2f} each against {one['cpu_share']:.2f} for one "
         f"process): {normalised:.2f}x.",
@@ -356,6 +362,8 @@ def main() -> None:
     if args.report_only:
         path = OUT / "ray_run.json"
         saved = json.loads(path.read_text())
+        for option, value in saved.get("options", {}).items():  # the run's, not the defaults
+            setattr(args, option, value)
         when = saved.get("when") or time.strftime(
             "%Y-%m-%d %H:%M", time.localtime(path.stat().st_mtime)
         )
@@ -388,15 +396,18 @@ def main() -> None:
             "files_per_batch": len(pngs) / batches,
             "model": Path(args.model).stat().st_size,
         }
-        text = report(args, results, sizes, time.monotonic() - started)
+        seconds, when = time.monotonic() - started, time.strftime("%Y-%m-%d %H:%M")
+        text = report(args, results, sizes, seconds, when)
     OUT.mkdir(exist_ok=True)
+    options = {k: getattr(args, k) for k in ("images", "batch_size", "no_contact_sheet")}
     (OUT / "ray_run.json").write_text(
         json.dumps(
             {
                 "results": results,
                 "sizes": sizes,
-                "seconds": time.monotonic() - started,
-                "when": time.strftime("%Y-%m-%d %H:%M"),
+                "seconds": seconds,
+                "when": when,
+                "options": options,
             },
             indent=1,
         )
