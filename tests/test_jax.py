@@ -145,6 +145,84 @@ def test_freezing_a_layer_later_changes_nothing():
     np.testing.assert_array_equal(augnet.jacobian(model, x, strategy="pfor"), 0.0)
 
 
+def test_a_small_state_is_packed_once_and_packed_again_when_a_weight_changes():
+    """jit's dispatch costs per argument: a small model's state is one buffer per dtype, made
+    once and reused while every variable holds the same array."""
+    from augnet._backend import jax as BJ
+
+    model = _mlp(86)
+    x = RNG.uniform(-1, 1, size=(5, 4)).astype("float32")
+    J = augnet.jacobian(model, x)
+    state = B.model_state(model)
+    assert isinstance(state, dict) and len(state[BJ.PACKED]) == 1  # one dtype: one buffer
+    (buffer,) = state[BJ.PACKED]
+    values = [np.asarray(v.value) for v in model.variables]
+    np.testing.assert_array_equal(np.asarray(buffer), np.concatenate([v.ravel() for v in values]))
+    assert B.model_state(model)[BJ.PACKED][0] is buffer  # reused: not packed on every call
+    np.testing.assert_array_equal(augnet.jacobian(model, x), J)
+    traced = _engine.trace_count(model)
+    model.layers[1].kernel.assign(2.0 * values[2])  # the output layer's kernel, doubled
+    assert B.model_state(model)[BJ.PACKED][0] is not buffer  # packed again
+    J2 = augnet.jacobian(model, x)
+    np.testing.assert_allclose(J2, 2.0 * J, **F32)  # linear in the last kernel
+    np.testing.assert_allclose(J2, reference_jacobian(model, x), **F32)
+    assert _engine.trace_count(model) == traced  # new values, same compiled function
+    for v in model.variables:  # the variables keep their own arrays
+        assert B.is_eager_tensor(v.value) and not isinstance(v.value, dict)
+
+
+def test_a_large_state_stays_one_argument_per_variable(monkeypatch):
+    from augnet._backend import jax as BJ
+
+    monkeypatch.setattr(BJ, "PACK_LIMIT", 16)  # bytes: every model here is larger
+    model = _mlp(87)
+    x = RNG.uniform(-1, 1, size=(5, 4)).astype("float32")
+    state = B.model_state(model)
+    assert isinstance(state, list) and len(state) == len(model.variables)
+    for strategy in ("loop", "pfor", "forward"):
+        J = augnet.jacobian(model, x, strategy=strategy)
+        np.testing.assert_allclose(J, reference_jacobian(model, x), **F32)
+
+
+def test_mixed_dtype_state_packs_one_buffer_per_dtype():
+    """A model with float32 weights and an integer seed state (Dropout): two buffers; the
+    Jacobian is the reference's, in inference and (seeded) training mode alike."""
+    from augnet._backend import jax as BJ
+
+    keras.utils.set_random_seed(89)
+    model = keras.Sequential(
+        [keras.Input((4,)), L.Dense(6, activation="tanh"), L.Dropout(0.5, seed=1), L.Dense(3)]
+    )
+    x = RNG.uniform(-1, 1, size=(5, 4)).astype("float32")
+    np.testing.assert_allclose(augnet.jacobian(model, x), reference_jacobian(model, x), **F32)
+    state = B.model_state(model)
+    dtypes = sorted({v.dtype for v in model.variables})
+    assert isinstance(state, dict) and len(state[BJ.PACKED]) == len(dtypes) > 1
+    assert sorted(b.dtype.name for b in state[BJ.PACKED]) == sorted(dtypes)
+    J = augnet.jacobian(model, x, training=True)
+    np.testing.assert_array_equal(augnet.jacobian(model, x, training=True), J)  # seed not moved
+
+
+def test_a_state_read_inside_a_callers_trace_is_not_a_tracer():
+    import jax
+
+    model = _mlp(90)
+    x = RNG.uniform(-1, 1, size=(3, 4)).astype("float32")
+
+    @jax.jit
+    def inside(x):
+        state = B.model_state(model)  # packed while a trace is open
+        return augnet.jacobian(model, x), state
+
+    J, _ = inside(x)
+    np.testing.assert_allclose(np.asarray(J), reference_jacobian(model, x), **F32)
+    from augnet._backend import jax as BJ
+
+    (buffer,) = BJ._PACKINGS[model].buffers
+    assert not isinstance(buffer, jax.core.Tracer)  # the cached buffers are concrete arrays
+    np.testing.assert_allclose(augnet.jacobian(model, x), np.asarray(J), **F32)
+
+
 # --------------------------------------------------------------------------------------------------
 # Structural gradient paths
 # --------------------------------------------------------------------------------------------------
