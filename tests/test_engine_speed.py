@@ -216,6 +216,37 @@ def test_repeated_calls_reuse_the_prepared_call_with_the_new_values(monkeypatch)
     assert len(setups) == 11
 
 
+@pytest.mark.parametrize("strategy", ["loop", "pfor"])
+def test_repeated_calls_of_every_output_use_constant_seeds(strategy):
+    """A repeated call selecting every output in order (``outputs=None`` or the full list) runs a
+    block whose seeds are constants of the graph (no ``sel`` argument); another selection keeps
+    its seeds as an argument. The numbers are the reference's either way."""
+    from augnet._engine import blocks
+
+    model = _dense_model(f"seeds_{strategy}")
+    x = RNG.uniform(-1, 1, size=(5, 4)).astype("float32")
+    reference = reference_jacobian(model, x)
+    for outputs, rows in ((None, [0, 1, 2]), ([0, 1, 2], [0, 1, 2]), ([2, 0], [2, 0])):
+        for _ in range(2):  # planned, then the fast lane
+            got = augnet.jacobian(model, x, outputs=outputs, strategy=strategy)
+            np.testing.assert_allclose(got, reference[:, rows], **F32)
+    kinds = {(k[0], k[3]) for k in cache_for(model) if isinstance(k, tuple) and len(k) > 3}
+    assert (strategy, blocks.ALL_OUTPUTS) in kinds
+    assert (strategy, 2 if strategy == "loop" else None) in kinds  # outputs=[2, 0]
+
+
+def test_the_fast_lane_checks_the_converted_input():
+    """A float64 value too large for a float32 model becomes inf when converted: refused on a
+    repeated call as on the first (the check runs on what the model would see)."""
+    model = _dense_model("converted")
+    x = RNG.uniform(-1, 1, size=(3, 4))  # float64
+    augnet.jacobian(model, x)
+    augnet.jacobian(model, x)
+    x[1, 2] = 1e300
+    with pytest.raises(ValueError, match=r"non-finite value \(inf\) at sample 1, element \(2,\)"):
+        augnet.jacobian(model, x)
+
+
 def test_prepared_calls_keep_no_input_and_are_bounded():
     model = _dense_model("bounded")
     x = RNG.uniform(-1, 1, size=(40, 4)).astype("float32")

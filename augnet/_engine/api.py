@@ -132,7 +132,11 @@ def jacobian(
     run = prepare.prepared(fn, x, options, derivatives, fast=fast_lane)
     if run.fast is not None:
         J = run.fast(x)
-        parts = [J] if isinstance(J, np.ndarray) else B.nest_flatten(J)  # (no walk: hot path)
+        if isinstance(J, np.ndarray):  # (no walk: hot path; no zero at all is one C loop)
+            if np.count_nonzero(J) != J.size:
+                checks.warn_zero_samples([J], len(J))
+            return J
+        parts = B.nest_flatten(J)
         checks.warn_zero_samples(parts, len(parts[0]))
         return J
     if B.is_symbolic(*run.tensors):
@@ -173,8 +177,10 @@ def fast_lane(plan: Run, n_samples: int):
 
     A repeated call with an array of the planned shape, dtype and options then costs what the
     computation costs: the model's state, one compiled call with ``x`` (``B.as_argument``: as the
-    compiled function takes it fastest) and one conversion to NumPy, reshaped. Everything else
-    (checks, selection, plan, seeds, the compiled function) was done when the call was planned.
+    compiled function takes it fastest), the finite check of ``x`` while it computes (JAX
+    dispatches asynchronously: checking first would delay the call), and one conversion to
+    NumPy, reshaped. Everything else (selection, plan, seeds, the compiled function) was done when
+    the call was planned.
     """
     target, sel = plan.target, plan.selection
     kind = plan.strategy
@@ -187,33 +193,40 @@ def fast_lane(plan: Run, n_samples: int):
     ):
         return None
     (n_in,), (shape,) = target.in_sizes, target.in_shapes
+    b = n_samples
+    m = sel.size
     if kind == "forward":
         if plan.chunk_size < n_in:
             return None
         extra = (0, sel.full)
     else:
-        if plan.chunk_size < sel.size:
+        if plan.chunk_size < m:
             return None
-        extra = sel.size if kind == "loop" else None
+        # Every output in order: the seeds are constants of the compiled block (no `sel`).
+        extra = blocks.reverse_extra(target, kind, sel.rows, 0, m)
     dtype = np.dtype(B.dtype_name(target.dtype))
-    m = sel.size
     model, model_state = target.fn, B.model_state
     state = (lambda: model_state(model)) if target.keras else tuple
     single = len(target.out_shapes) == 1 and sel.full
     out_shape = (*target.out_shapes[0], *shape) if single else None
     fn = blocks.compiled(target, kind, False, plan.jit_compile, extra=extra)
-    b = n_samples
-    rows = B.convert(np.ascontiguousarray(np.broadcast_to(sel.rows, (b, m)), np.int32), "int32")
-    rest = (
-        (B.convert(np.arange(n_in, dtype=np.int32), "int32"), rows)
-        if kind == "forward"
-        else (rows,)
-    )
+    if extra == blocks.ALL_OUTPUTS:
+        rest = ()
+    else:
+        rows = B.convert(np.ascontiguousarray(np.broadcast_to(sel.rows, (b, m)), np.int32), "int32")
+        rest = (
+            (B.convert(np.arange(n_in, dtype=np.int32), "int32"), rows)
+            if kind == "forward"
+            else (rows,)
+        )
+    names = target.in_names
 
     call = [fn]  # the compiled block; once it has run b samples unpadded, called directly
 
     def fast(x):
-        out = call[0](state(), [B.as_argument(x, dtype)], *rest)
+        arg = B.as_argument(x, dtype)
+        out = call[0](state(), [arg], *rest)
+        checks.check_finite([arg if isinstance(arg, np.ndarray) else B.numpy_view(arg)], names)
         if call[0] is fn:
             call[0] = padding.direct(fn, b) or fn
         if kind == "forward":

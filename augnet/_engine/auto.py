@@ -175,10 +175,12 @@ def probe_call(run: Run) -> tuple[Callable, int]:
         n_blocks = sample_blocks * sum(math.ceil(n / run.chunk_size) for n in target.in_sizes)
     else:
         c = min(run.chunk_size, sel.size)
-        width = c if run.strategy == "loop" else None
-        fn = blocks.compiled(target, run.strategy, run.training, run.jit_compile, extra=width)
+        extra = blocks.reverse_extra(target, run.strategy, sel.rows, 0, c)
+        fn = blocks.compiled(target, run.strategy, run.training, run.jit_compile, extra=extra)
         # Tensors, as the job passes them (NumPy arguments take a slower call path).
-        args = (xs, B.convert(np.ascontiguousarray(rows[:, :c]), "int32"))
+        args = (xs,)
+        if extra != blocks.ALL_OUTPUTS:
+            args = (xs, B.convert(np.ascontiguousarray(rows[:, :c]), "int32"))
         n_blocks = sample_blocks * math.ceil(sel.size / c)
 
     state = target.state()

@@ -259,6 +259,8 @@ def nonzero_samples(values: list, n: int) -> np.ndarray:
     parts = [
         np.asarray(p).reshape(n, -1) for v in values for p in (v if isinstance(v, list) else [v])
     ]
+    if parts and all(np.count_nonzero(p) == p.size for p in parts):
+        return np.ones(n, dtype=bool)  # no zero at all (one pass, no temporary: ~1 µs)
     found = None
     for flat in parts:
         head = flat[:, :_HEAD].any(axis=1)

@@ -90,10 +90,12 @@ def iter_blocks(run: Run) -> Iterator[tuple[slice, slice, np.ndarray, list]]:
                     lambda r=rows_all, c0=c0, c1=c1: r[:, c0:c1],
                     fixed=sel.rows is not None,
                 )
-                width = c1 - c0 if kind == "loop" else None  # the loop is unrolled: static width
-                rev = blocks.compiled(target, kind, run.training, run.jit_compile, extra=width)
+                # The loop is unrolled (static width); every output in order: constant seeds.
+                extra = blocks.reverse_extra(target, kind, sel.rows, c0, c1)
+                rev = blocks.compiled(target, kind, run.training, run.jit_compile, extra=extra)
                 outs = rows_all[:, c0:c1] if sel.rows is None else sel.rows[c0:c1]
-                yield slice(s0, s1), slice(c0, c1), outs, values_to_numpy(rev(state, xs, chunk))
+                args = (state, xs) if extra == blocks.ALL_OUTPUTS else (state, xs, chunk)
+                yield slice(s0, s1), slice(c0, c1), outs, values_to_numpy(rev(*args))
 
 
 def memo(run: Run, key, make, fixed: bool = True):
