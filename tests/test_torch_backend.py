@@ -235,7 +235,7 @@ def test_layout_pass_cancels_keras_transposes_and_keeps_values():
     try:
         G.optimize = lambda gm: _plain(gm)
         fresh = augnet._backend.compile_function(compiled.fn, _signature(compiled))
-        fresh(state, [B.convert(x, "float32")])  # (every output: the seeds are constants)
+        fresh(state, [B.convert(x, "float32")], B.convert(np.tile([0, 1], (3, 1)), "int32"))
     finally:
         G.optimize = plain
     unoptimized = fresh.variants[0].gm
@@ -243,7 +243,7 @@ def test_layout_pass_cancels_keras_transposes_and_keeps_values():
     assert count(unoptimized, aten.clone.default) >= 4
     assert count(optimized, aten.clone.default) == 0
     assert count(optimized, aten.permute.default) < count(unoptimized, aten.permute.default)
-    args = [*state, B.convert(x, "float32")]
+    args = [*state, B.convert(x, "float32"), B.convert(np.tile([0, 1], (3, 1)), "int32")]
     with torch.no_grad():
         for a, b in zip(optimized(*args), unoptimized(*args)):
             np.testing.assert_allclose(B.to_numpy(a), B.to_numpy(b), rtol=1e-5, atol=1e-6)

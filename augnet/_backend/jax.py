@@ -52,6 +52,7 @@ FORWARD_TRAINING = True  # vmap over tangents works with training-mode layers
 XLA_OPTIONAL = False  # everything is compiled by XLA: "loop_xla" is "loop"
 SHAPE_SPECIALIZED = True  # jax.jit compiles once per shape: the engine pads the batch axis
 STACK_OUTPUTS = True  # each output buffer of a jitted call costs ~7 µs: one stacked array
+CONSTANT_SEEDS = True  # every output in order: seeds as graph constants (see the contract)
 
 _Tracer = jax.core.Tracer
 _Literal = jax.extend.core.Literal  # a constant in a jaxpr (never a live variable)
@@ -644,6 +645,7 @@ __all__ = [
     "FORWARD_TRAINING",
     "SHAPE_SPECIALIZED",
     "STACK_OUTPUTS",
+    "CONSTANT_SEEDS",
     "XLA_OPTIONAL",
     "arange",
     "as_argument",

@@ -34,10 +34,17 @@ ALL_OUTPUTS = "all outputs"
 def reverse_extra(target: Target, kind: str, rows, c0: int, c1: int):
     """The ``extra`` of the "loop"/"pfor" block computing columns ``c0:c1`` of the selected
     output rows ``rows`` (``None``: per-sample or top-k rows): :data:`ALL_OUTPUTS` where those
-    columns are every output in order, else the loop's static width (``None`` for pfor). The
+    columns are every output in order (where that measured faster: ``B.CONSTANT_SEEDS``), else
+    the loop's static width (``None`` for pfor). The
     planned job, ``auto``'s timing and the fast lane all ask here, so they share one block."""
     M = target.total_outputs
-    if rows is not None and c0 == 0 and c1 == M == len(rows) and np.array_equal(rows, np.arange(M)):
+    if (
+        B.CONSTANT_SEEDS
+        and rows is not None
+        and c0 == 0
+        and c1 == M == len(rows)
+        and np.array_equal(rows, np.arange(M))
+    ):
         return ALL_OUTPUTS
     return c1 - c0 if kind == "loop" else None
 
