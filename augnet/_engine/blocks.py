@@ -76,18 +76,17 @@ def reverse_block(
         with pooling.routed_pooling(target.fn if routed else None):
             y, vjp_fn = B.vjp(lambda xs: target.flat_output(state, xs), xs)
 
-        def row(col):
-            if isinstance(col, int):
-                return vjp_fn(B.unit_tangent(col, M, (M,), y))
-            return vjp_fn(B.one_hot(col, M, y.dtype))
+        def row_of(column):  # the same output (an int, or a scalar tensor) for every sample
+            return vjp_fn(B.unit_tangent(column, M, (M,), y))
+
+        def row(col):  # col: (b,) output index per sample, or a static int
+            return row_of(col) if isinstance(col, int) else vjp_fn(B.one_hot(col, M, y.dtype))
 
         if vectorized:
             if seeds is None:  # every output: vectorised over the static columns 0..M-1
-                rows = B.vectorized_map(
-                    lambda c: vjp_fn(B.unit_tangent(c, M, (M,), y)), B.arange(M)
-                )
-                return [B.transpose_first_two(r) for r in rows]
-            rows = B.vectorized_map(row, seeds)
+                rows = B.vectorized_map(row_of, B.arange(M))
+            else:
+                rows = B.vectorized_map(row, seeds)
             return [B.transpose_first_two(r) for r in rows]
         per_seed = [row(col) for col in seeds]
         if not stacked:
