@@ -1,17 +1,19 @@
 """Where the time of a small Jacobian goes on JAX (CPU): the runtime's asynchronous dispatch.
 
-The MLP case of ``bench_jacobian.py`` (4→64→32→16→2 tanh, batch 64) takes ~55 µs in pure JAX
-``jit(vmap(jacrev))`` in a tight loop, and augnet on JAX about twice that. This script measures
-why, in one process, calls alternated in rounds (a ratio the machine's load moves little):
+The MLP case of ``bench_jacobian.py`` (4→64→32→16→2 tanh, batch 64) takes ~50 µs in pure JAX
+``jit(vmap(jacrev))`` in a tight loop, and augnet on JAX more. This script measures why, in one
+process, calls alternated in rounds (a ratio the machine's load moves little):
 
 1. pure JAX, back to back (the benchmark's fastest);
 2. pure JAX with a fixed amount of host work before each call (a busy wait of W µs, standing for
    whatever a caller does between two Jacobians: reading the next batch, checking it, saving the
    last result), the busy wait's own time subtracted;
-3. ``augnet.jacobian`` (its per-call host work: the plan lookup, the model's state, the finite
-   check of the input, the conversion of the result to an owned NumPy array, the all-zero check).
+3. pure JAX that polls its result (``is_ready()``) before ``np.asarray``, as augnet does;
+4. ``augnet.jacobian`` (its per-call host work: the plan lookup, the model's state, the finite
+   check of the input, the conversion of the result to an owned NumPy array, the all-zero check),
+   as it is and with its polling switched off (``SPIN_S = 0``);
 
-and all three again in a child process with JAX's asynchronous CPU dispatch switched off
+and all of them again in a child process with JAX's asynchronous CPU dispatch switched off
 (``jax.config.update("jax_cpu_enable_async_dispatch", False)`` before the first computation), where
 a computation runs on the calling thread. Every augnet result is checked against pure JAX's.
 
@@ -44,6 +46,7 @@ def measure(rounds: int, number: int) -> dict:
     import numpy as np
 
     import augnet
+    from augnet._backend import jax as BJ
 
     keras.utils.set_random_seed(0)
     L = keras.layers
@@ -77,22 +80,38 @@ def measure(rounds: int, number: int) -> dict:
         while clock() < end:
             pass
 
+    def polled(w=0):
+        if w:
+            spin(w)
+        out = pure(x)
+        while not out.is_ready():
+            pass
+        return np.asarray(out)
+
     calls = {"augnet": lambda: augnet.jacobian(model, x)}
+    calls["augnet_block"] = calls["augnet"]  # timed with SPIN_S = 0: fetches block at once
     for w in WORK:
         calls[f"pure+{w}"] = (
             (lambda w=w: (spin(w), np.asarray(pure(x)))) if w else (lambda: np.asarray(pure(x)))
         )
+    calls["poll+0"] = polled
+    calls["poll+20"] = lambda: polled(20)
+    spin_s = BJ.SPIN_S
     best = {name: float("inf") for name in calls}
     for _ in range(rounds):
         for name, call in calls.items():
+            BJ.SPIN_S = 0.0 if name == "augnet_block" else spin_s
             for _ in range(number // 10):  # warm
                 call()
             t0 = clock()
             for _ in range(number):
                 call()
             best[name] = min(best[name], (clock() - t0) / number * 1e6)
-    for w in WORK:
-        best[f"pure+{w}"] -= w  # the busy wait's own time
+    BJ.SPIN_S = spin_s
+    best["spin_us"] = spin_s * 1e6
+    for name in list(best):
+        if "+" in name:
+            best[name] -= int(name.split("+")[1])  # the busy wait's own time
     return best
 
 
@@ -125,7 +144,22 @@ def report(results: dict, seconds: float, command: str) -> str:
             else (f"pure JAX after {w} µs of host work (that work subtracted)")
         )
         lines.append(f"| {label} | {a[f'pure+{w}']:.1f} | {s[f'pure+{w}']:.1f} |")
-    lines.append(f"| `augnet.jacobian` | {a['augnet']:.1f} | {s['augnet']:.1f} |")
+    lines.append(
+        f"| pure JAX polling `is_ready()` before `np.asarray`, back to back | "
+        f"{a['poll+0']:.1f} | {s['poll+0']:.1f} |"
+    )
+    lines.append(
+        f"| pure JAX polling, after 20 µs of host work (subtracted) | "
+        f"{a['poll+20']:.1f} | {s['poll+20']:.1f} |"
+    )
+    lines.append(
+        f"| `augnet.jacobian`, fetch blocking at once (`SPIN_S = 0`) | "
+        f"{a['augnet_block']:.1f} | {s['augnet_block']:.1f} |"
+    )
+    lines.append(
+        f"| `augnet.jacobian` (polls for up to `SPIN_S` = {a['spin_us']:.0f} µs, then blocks) | "
+        f"{a['augnet']:.1f} | {s['augnet']:.1f} |"
+    )
     lines.append(
         f"| augnet ÷ pure back to back | {a['augnet'] / a['pure+0']:.2f}× | "
         f"{s['augnet'] / s['pure+0']:.2f}× |"
@@ -134,17 +168,25 @@ def report(results: dict, seconds: float, command: str) -> str:
         f"| augnet ÷ pure after 20 µs of host work (+20 µs) | "
         f"{a['augnet'] / (a['pure+20'] + 20):.2f}× | {s['augnet'] / (s['pure+20'] + 20):.2f}× |"
     )
+    lines.append(
+        f"| augnet ÷ pure polling, back to back | {a['augnet'] / a['poll+0']:.2f}× | "
+        f"{s['augnet'] / s['poll+0']:.2f}× |"
+    )
     lines += [
         "",
         "With asynchronous dispatch a computation runs on a worker thread of the JAX runtime and "
         "the caller waits for its result. Back to back, the next call arrives while that thread "
         "is still awake; after any host work between two calls it has gone to sleep, and waking "
         "it costs more than the work itself (the rows above: the extra time per call, beyond the "
-        "work, grows with the work and does not appear with synchronous dispatch). augnet's "
-        "per-call host work (the plan lookup, the model's state, the input's finite check, the "
-        "owned NumPy copy, the all-zero check: ~20-30 µs of Python) pays that price on every "
-        "call; pure JAX back to back never does. Synchronous dispatch removes it for both, and "
-        "what remains is augnet's host work itself.",
+        "work, grows with the work and does not appear with synchronous dispatch). The caller "
+        "pays a second wake-up of its own: `np.asarray` of a result not yet computed puts it to "
+        "sleep until the runtime wakes it. augnet polls the result (`is_ready()`) for up to "
+        "`SPIN_S` before it blocks, which saves that wake-up on a small computation (pure JAX "
+        "written the same way saves it too: the polling rows). What remains is augnet's per-call "
+        "host work (the plan lookup, the model's state, the input's finite check, the owned "
+        "NumPy copy, the all-zero check: ~8 µs of Python), which also wakes the runtime's "
+        "thread from its sleep on every call; pure JAX back to back never does. Synchronous "
+        "dispatch removes that for both, and what remains is augnet's host work itself.",
         "",
     ]
     return "\n".join(lines)

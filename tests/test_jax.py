@@ -445,3 +445,31 @@ def test_results_of_the_engine_are_numpy_for_every_entry_point(tmp_path):
     path = augnet.jacobian_to_npy(model, x, tmp_path / "j.npy", strategy="loop")
     np.testing.assert_allclose(np.load(path), J, **F32)
     assert isinstance(to_numpy(augnet.vjp(model, x, np.ones((3, 3), "float32"))), np.ndarray)
+
+
+def test_a_fetch_polls_a_result_for_a_bounded_time():
+    """``to_numpy``/``numpy_view`` poll a result still being computed (``is_ready``) for at most
+    ``SPIN_S`` and then block as ``np.asarray`` does: a slow computation is still waited for."""
+    from augnet._backend import jax as BJ
+
+    calls = []
+    assert BJ.poll(lambda: calls.append(1) or len(calls) >= 3, 10.0) is True
+    assert len(calls) == 3  # stops as soon as it is ready
+    never = []
+    assert BJ.poll(lambda: never.append(1) or False, 0.002) is False  # gives up after 2 ms
+    assert len(never) >= 1
+    assert 0 < BJ.SPIN_S <= 1e-4  # a bound a long computation hardly notices
+
+    import jax
+    import jax.numpy as jnp
+
+    @jax.jit
+    def slow(a):  # ~ms: longer than SPIN_S, so the fetch ends up blocking
+        return jax.lax.fori_loop(0, 200, lambda i, v: jnp.tanh(v @ v.T @ v / 256.0), a)
+
+    a = jnp.asarray(np.random.default_rng(0).normal(size=(256, 256)).astype("float32"))
+    expected = np.asarray(slow(a))
+    got = B.to_numpy(slow(a))
+    assert got.flags.writeable and got.flags.owndata
+    np.testing.assert_array_equal(got, expected)
+    np.testing.assert_array_equal(B.numpy_view(slow(a)), expected)

@@ -231,6 +231,24 @@ def test_a_saturated_softmax_warns_and_logits_give_its_scores():
     np.testing.assert_allclose(J, np.broadcast_to(kernel.T, (2, 3, 16)), **F32)  # closed form
 
 
+def test_repeated_calls_warn_as_the_first_does():
+    """The first call plans; repeated calls take the prepared fast lane, whose check skips the
+    per-sample search when the result has no zero at all: both must warn alike."""
+    model, x, kernel = _saturated()
+    mixed = np.stack([x[0] / 255.0, x[1]])
+    for _ in range(3):
+        with pytest.warns(augnet.ZeroJacobianWarning, match=r"sample\(s\) 1 is") as rec:
+            J = augnet.jacobian(model, mixed)
+        assert len(rec) == 1
+        assert np.all(J[1] == 0) and np.any(J[0] != 0)
+    for _ in range(3):  # zero entries (output 2's kernel column) but no sample all zero: silent
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", augnet.ZeroJacobianWarning)
+            J = augnet.jacobian(model, x, logits=True)
+        np.testing.assert_allclose(J, np.broadcast_to(kernel.T, (2, 3, 16)), **F32)
+        assert np.all(J[:, 2] == 0)
+
+
 def test_the_warning_from_every_entry_point_and_only_for_zero_samples(tmp_path):
     model, x, _ = _saturated()
     with pytest.warns(augnet.ZeroJacobianWarning, match="augnet.iter_jacobian"):
