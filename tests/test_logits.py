@@ -263,3 +263,21 @@ def test_the_warning_from_every_entry_point_and_only_for_zero_samples(tmp_path):
         warnings.simplefilter("error", augnet.ZeroJacobianWarning)
         augnet.jacobian(ordinary, X)
         list(augnet.iter_jacobian(ordinary, X))
+
+
+def test_the_all_zero_check_of_small_and_large_results():
+    """Small results are checked whole (count_nonzero), large ones per sample from the head on:
+    either way a sample whose only non-zero lies far in is non-zero, an all-zero one is not."""
+    from augnet._engine import checks
+
+    for shape in [(3, 2, 4), (3, 13, 64, 64)]:  # below and above checks.COUNT_MAX elements
+        J = np.zeros(shape, "float32")
+        J[0].flat[-1] = 1e-30  # past the head of sample 0
+        J[2].flat[0] = -2.0
+        np.testing.assert_array_equal(checks.nonzero_samples([J], 3), [True, False, True])
+        J[1].flat[J[1].size // 2] = 1.0
+        np.testing.assert_array_equal(checks.nonzero_samples([J], 3), [True, True, True])
+        full = np.ones(shape, "float32")
+        np.testing.assert_array_equal(checks.nonzero_samples([full], 3), [True, True, True])
+        split = [np.zeros((3, 5), "float32"), J]  # several inputs: any of them counts
+        np.testing.assert_array_equal(checks.nonzero_samples(split, 3), [True, True, True])

@@ -248,6 +248,10 @@ def check_finite(tensors: list, names: list[str], what: str = "input") -> None:
 # --------------------------------------------------------------------------------------------------
 
 _HEAD = 4096  # elements per sample looked at first: a non-zero there settles it
+# A result this small is checked whole by one count_nonzero (~1 µs for 512 elements, but ~0.5 ns
+# per element: 130 µs for a (8, 4096, 8) Jacobian, 3.7 ms for (8, 13, 256, 256), where the
+# per-sample head look below takes ~5 µs).
+COUNT_MAX = 1 << 12
 _SMALL = 1 << 16  # inputs this small are checked with isfinite (faster than min and max)
 
 
@@ -259,8 +263,8 @@ def nonzero_samples(values: list, n: int) -> np.ndarray:
     parts = [
         np.asarray(p).reshape(n, -1) for v in values for p in (v if isinstance(v, list) else [v])
     ]
-    if parts and all(np.count_nonzero(p) == p.size for p in parts):
-        return np.ones(n, dtype=bool)  # no zero at all (one pass, no temporary: ~1 µs)
+    if parts and all(p.size <= COUNT_MAX and np.count_nonzero(p) == p.size for p in parts):
+        return np.ones(n, dtype=bool)  # small and no zero at all (one pass, no temporary)
     found = None
     for flat in parts:
         head = flat[:, :_HEAD].any(axis=1)
