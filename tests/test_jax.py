@@ -171,17 +171,33 @@ def test_a_small_state_is_packed_once_and_packed_again_when_a_weight_changes():
         assert B.is_eager_tensor(v.value) and not isinstance(v.value, dict)
 
 
-def test_a_large_state_stays_one_argument_per_variable(monkeypatch):
+def test_large_variables_travel_as_their_own_arguments(monkeypatch):
+    """Above PACK_VAR_LIMIT bytes a variable is passed as it is (a slice of a packed buffer feeding
+    a matrix product would be copied on every call); the small ones are still packed."""
     from augnet._backend import jax as BJ
 
-    monkeypatch.setattr(BJ, "PACK_LIMIT", 16)  # bytes: every model here is larger
-    model = _mlp(87)
+    model = _mlp(87)  # Dense(6) kernel (4, 6), bias (6,); Dense(3) kernel (6, 3), bias (3,)
     x = RNG.uniform(-1, 1, size=(5, 4)).astype("float32")
-    state = B.model_state(model)
-    assert isinstance(state, list) and len(state) == len(model.variables)
+    monkeypatch.setattr(BJ, "PACK_VAR_LIMIT", 80)  # bytes: the two kernels (96, 72 B) ...
+    state = B.model_state(model)  # ... one kernel above, one below
+    large = [v for v in model.variables if v.value.nbytes > 80]
+    assert [v.path for v in large] == [model.layers[0].kernel.path]
+    assert isinstance(state, dict) and len(state[BJ.PACKED]) == 2  # one buffer, one kernel
+    buffer, kernel = state[BJ.PACKED]
+    assert kernel is model.layers[0].kernel.value  # the variable's own array, not a copy
+    assert buffer.size == sum(v.value.size for v in model.variables) - kernel.size
     for strategy in ("loop", "pfor", "forward"):
         J = augnet.jacobian(model, x, strategy=strategy)
         np.testing.assert_allclose(J, reference_jacobian(model, x), **F32)
+    model.layers[0].kernel.assign(2.0 * np.asarray(kernel))  # a large variable changes
+    assert B.model_state(model)[BJ.PACKED][1] is model.layers[0].kernel.value
+    np.testing.assert_allclose(augnet.jacobian(model, x), reference_jacobian(model, x), **F32)
+
+    BJ._PACKINGS.pop(model, None)
+    monkeypatch.setattr(BJ, "PACK_VAR_LIMIT", 0)  # nothing small: one argument per variable
+    state = B.model_state(model)
+    assert isinstance(state, list) and len(state) == len(model.variables)
+    np.testing.assert_allclose(augnet.jacobian(model, x), reference_jacobian(model, x), **F32)
 
 
 def test_mixed_dtype_state_packs_one_buffer_per_dtype():

@@ -34,8 +34,9 @@ The model as a pure function (how a Keras model becomes ``(state, xs) -> ys``):
   every call* and passed as the first argument of every compiled block, so that weights changed
   later by ``fit`` are seen and no traced value is ever stored in a Keras variable. TensorFlow:
   ``()`` (``tf.function`` reads variables by reference). JAX: the values of ``model.variables``,
-  one list, or for a small model ``{PACKED: [one flat buffer per dtype]}`` (jit's dispatch costs
-  per argument; the buffers are reused while the variables hold the same arrays). torch: one
+  one list, or ``{PACKED: [one flat buffer per dtype of the small variables, then each large
+  variable's own array]}`` (jit's dispatch costs per argument; the buffers are reused while the
+  variables hold the same arrays). torch: one
   list, the values of ``model.variables`` (the compiled graphs take the weights as arguments).
 - ``call_model(model, state, inputs, training) -> outputs``: calls ``model`` on ``inputs`` (the
   model's own nesting) with no side effect: no BatchNorm statistic, seed state or any other

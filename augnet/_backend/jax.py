@@ -5,7 +5,7 @@ what is particular to JAX is said here:
 
 - **The model is a pure function of its state.** :func:`model_state` reads the values of
   ``model.variables`` (one flat list, in that order; the list of variables is remembered per
-  model; a small model's values packed into one buffer per dtype, see ``PACK_LIMIT``) at every
+  model; its small variables packed into one buffer per dtype, see ``PACK_VAR_LIMIT``) at every
   call, and every compiled block takes them as its first argument: weights
   changed later by ``fit`` are seen without compiling again, and no traced value is ever stored
   in a Keras variable. :func:`call_model` splits them into ``(trainable, non_trainable)`` by the
@@ -215,14 +215,17 @@ def _variables(model) -> list:
 
 # Packing. jit's dispatch costs ~1.6 µs per array argument (measured: the 4-64-32-16-2 MLP's 8
 # weight arrays as 8 arguments 69-71 µs per Jacobian, packed into one buffer 57-62 µs, the weights
-# closed over as constants 55-57), so a small model's state goes to the compiled blocks as one
-# flat buffer per dtype, ``{PACKED: [buffer, ...]}``, sliced back into the variables inside the
-# compiled function. The buffers are made once and reused while every variable still holds the
-# same array (``fit`` and ``assign`` replace it: packed again on the next call). Above
-# ``PACK_LIMIT`` bytes the state stays one argument per variable: the per-argument cost is then
-# small beside the model's, and packing would hold a second copy of the weights.
+# closed over as constants 55-57), so the small variables of a model go to the compiled blocks as
+# one flat buffer per dtype, sliced back into the variables inside the compiled function:
+# ``{PACKED: [buffer per dtype, ..., then each large variable's own array]}``. A variable above
+# ``PACK_VAR_LIMIT`` bytes travels as its own argument: a slice of a packed buffer that feeds a
+# matrix product or a convolution is copied out of the buffer on every call (~0.1 ms per MB:
+# packing the tall case's 4 MB kernel made its Jacobian ~25% slower), which is more than the
+# argument it saves once the variable is larger than a few KB. The buffers are made once and
+# reused while every variable still holds the same array (``fit`` and ``assign`` replace it:
+# packed again on the next call), so the small variables are held twice (a few KB each).
 PACKED = "augnet_packed_state"
-PACK_LIMIT = 16 * 2**20
+PACK_VAR_LIMIT = 16 * 2**10
 
 
 class _Packing:
@@ -233,18 +236,28 @@ class _Packing:
     def __init__(self, originals: list):
         groups: dict[str, int] = {}
         sizes: list[int] = []
-        layout = []
-        for a in originals:
-            g = groups.setdefault(a.dtype.name, len(groups))
-            if g == len(sizes):
+        small = [a.size * a.dtype.itemsize <= PACK_VAR_LIMIT for a in originals]
+        for a, packed in zip(originals, small):
+            if packed and a.dtype.name not in groups:
+                groups[a.dtype.name] = len(groups)
                 sizes.append(0)
-            layout.append((g, sizes[g], int(a.size), tuple(a.shape)))
-            sizes[g] += int(a.size)
+        layout = []  # per variable: (slot in the buffers, start or None for a whole array, ...)
+        large = []
+        for a, packed in zip(originals, small):
+            if packed:
+                g = groups[a.dtype.name]
+                layout.append((g, sizes[g], int(a.size), tuple(a.shape)))
+                sizes[g] += int(a.size)
+            else:
+                layout.append((len(groups) + len(large), None, 0, ()))
+                large.append(a)
         parts: list[list] = [[] for _ in sizes]
         with jax.ensure_compile_time_eval():  # concrete even if called while a trace is open
-            for a, (g, _, _, _) in zip(originals, layout):
-                parts[g].append(jnp.ravel(a))
-            self.buffers = [p[0] if len(p) == 1 else jnp.concatenate(p) for p in parts]
+            for a, packed in zip(originals, small):
+                if packed:
+                    parts[groups[a.dtype.name]].append(jnp.ravel(a))
+            buffers = [p[0] if len(p) == 1 else jnp.concatenate(p) for p in parts]
+        self.buffers = buffers + large
         self.layout = tuple(layout)
         self.originals = tuple(originals)
 
@@ -256,7 +269,8 @@ class _Packing:
         ):
             return list(self.originals)  # eager: the arrays themselves, no slicing
         return [
-            buffers[g][start : start + size].reshape(shape) for g, start, size, shape in self.layout
+            buffers[slot] if start is None else buffers[slot][start : start + size].reshape(shape)
+            for slot, start, size, shape in self.layout
         ]
 
 
@@ -267,8 +281,8 @@ _PACKINGS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 def _packable(values: list) -> bool:
     if not values or any(isinstance(a, _Tracer) or not isinstance(a, jax.Array) for a in values):
         return False
-    if sum(a.size * a.dtype.itemsize for a in values) > PACK_LIMIT:
-        return False
+    if sum(a.size * a.dtype.itemsize <= PACK_VAR_LIMIT for a in values) < 2:
+        return False  # nothing to gain: at most one small variable
     devices = {d for a in values for d in a.devices()}
     return len(devices) == 1
 
@@ -276,7 +290,8 @@ def _packable(values: list) -> bool:
 def model_state(model):
     """The values of ``model.variables`` now, in that order (trainable or not: the split is made
     at trace time from the variables' flags, so freezing a layer later changes nothing here):
-    ``{PACKED: [one buffer per dtype]}`` for a small model (see ``PACK_LIMIT``), else a list."""
+    ``{PACKED: [one buffer per dtype of the small variables, then the large ones]}`` (see
+    ``PACK_VAR_LIMIT``), or a list where there is nothing to pack."""
     variables = _variables(model)
     if _in_stateless_scope():  # inside a caller's stateless_call: the scope's values
         return [v.value for v in variables]
