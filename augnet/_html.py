@@ -438,8 +438,15 @@ def _write_atomic(name: str, data: bytes, dir_fd: int, where: str) -> None:
         raise
 
 
-def _is_our_temp(name: str, stem: str) -> bool:
-    return name.startswith(f".{stem}{_TMP_MARK}")
+# The temporaries _write_atomic makes in index_files/: of a data chunk (rows-NNNNNN.js) or of the
+# state file, ``.STEM.tmp-PID-HEX.SUFFIX``.
+_TEMP_RE = re.compile(r"\.(?:rows-\d{6}\.tmp-\d+-[0-9a-f]{8}\.js|state\.tmp-\d+-[0-9a-f]{8}\.json)")
+
+
+def _is_our_temp(name: str) -> bool:
+    """Whether ``name`` is a temporary of a data chunk or of the state file (left behind by a
+    process killed while it wrote one)."""
+    return _TEMP_RE.fullmatch(name) is not None
 
 
 def _check_page_is_ours(dir_fd: int, out: str) -> None:
@@ -634,11 +641,7 @@ def _sync_chunks(
 def _remove_stale(afd: int, keep: Iterable[str]) -> None:
     keep = set(keep)
     for name in os.listdir(afd):
-        stale = (
-            (_CHUNK_RE.fullmatch(name) and name not in keep)
-            or _is_our_temp(name, "rows")
-            or (_is_our_temp(name, "state"))
-        )
+        stale = (_CHUNK_RE.fullmatch(name) and name not in keep) or _is_our_temp(name)
         if stale:
             with contextlib.suppress(OSError):
                 os.unlink(name, dir_fd=afd)
@@ -788,12 +791,7 @@ def remove_index_html(out_dir: str | os.PathLike[str]) -> None:
             )
             try:
                 for name in os.listdir(afd):
-                    ours = (
-                        name == STATE_FILE
-                        or _CHUNK_RE.fullmatch(name)
-                        or _is_our_temp(name, "rows")
-                        or _is_our_temp(name, "state")
-                    )
+                    ours = name == STATE_FILE or _CHUNK_RE.fullmatch(name) or _is_our_temp(name)
                     entry = _lstat(name, afd)
                     if ours and entry is not None and stat.S_ISREG(entry.st_mode):
                         os.unlink(name, dir_fd=afd)

@@ -512,7 +512,7 @@ def test_owns_report_and_remove_index_html(tmp_path):
     out.mkdir()
     assert _html.owns_report(out)  # nothing there
     write_index_html(out, total=3)
-    (out / "index_files" / ".rows.tmp-1-deadbeef.js").write_text("")  # a temporary of ours
+    (out / "index_files" / ".rows-000000.tmp-1-deadbeef.js").write_text("")  # a temporary of ours
     assert _html.owns_report(out)
     (out / "keep.txt").write_text("the user's")
     _html.remove_index_html(out)
@@ -531,3 +531,23 @@ def test_owns_report_and_remove_index_html(tmp_path):
     shutil.rmtree(out / "index_files")
     os.symlink(tmp_path, out / "index_files")
     assert not _html.owns_report(out)
+
+
+def test_temporaries_of_a_killed_writer_are_removed_and_nothing_else(tmp_path):
+    """A process killed while it wrote a data chunk or the state file leaves its temporary
+    (``.rows-NNNNNN.tmp-PID-HEX.js``, ``.state.tmp-PID-HEX.json``): the next page update removes
+    it; a name that only looks similar is not augnet's and stays."""
+    out = tmp_path / "run"
+    out.mkdir()
+    write_index_html(out, total=3)
+    files = out / "index_files"
+    ours = [".rows-000000.tmp-4242-0123abcd.js", ".state.tmp-77-deadbeef.json"]
+    theirs = [".rows-000000.tmp-notes.js", ".rows.tmp-1-deadbeef.js", "rows-000000.tmp-1-0a.js"]
+    for name in ours + theirs:
+        (files / name).write_text("x")
+    before = sorted(p.name for p in files.iterdir() if p.name not in ours + theirs)
+    write_index_html(out, total=3)
+    after = sorted(p.name for p in files.iterdir())
+    assert not set(ours) & set(after)
+    assert set(theirs) <= set(after)
+    assert sorted(n for n in after if n not in theirs) == before
