@@ -51,8 +51,16 @@ def backend() -> str:
     return keras.backend.backend()
 
 
+_BACKEND_SUITES = "test_numeric_suite_on_backend"  # tests/test_backends.py
+
+
 def pytest_collection_modifyitems(config, items):
-    """Skips ``tensorflow_only`` tests on the other backends."""
+    """Skips ``tensorflow_only`` tests on the other backends; the per-backend numeric suites go
+    last (they wait for subprocesses that run beside the rest of the session)."""
+    last = [item for item in items if getattr(item, "originalname", "") == _BACKEND_SUITES]
+    if last:
+        ids = {id(item) for item in last}
+        items[:] = [item for item in items if id(item) not in ids] + last
     marked = [item for item in items if item.get_closest_marker("tensorflow_only")]
     if not marked or backend() == "tensorflow":
         return
@@ -596,3 +604,20 @@ def assert_one_line_error(code: int, err: str, pattern: str) -> None:
     assert lines[0].startswith("augnet: error: "), err
     assert re.search(pattern, lines[0]), lines[0]
     assert "Traceback" not in err
+
+
+def pytest_collection_finish(session):
+    """Starts the per-backend numeric suites in the background as soon as the session knows it
+    runs them (tests/test_backends.py), so that they run beside the other tests."""
+    suites = [
+        item for item in session.items if getattr(item, "originalname", "") == _BACKEND_SUITES
+    ]
+    if suites and not session.config.option.collectonly:
+        suites[0].module.start_in_background([item.callspec.params["name"] for item in suites])
+
+
+def pytest_sessionfinish(session, exitstatus):
+    for item in getattr(session, "items", []):
+        if getattr(item, "originalname", "") == _BACKEND_SUITES:
+            item.module.stop_background()
+            break

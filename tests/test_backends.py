@@ -5,7 +5,10 @@ module runs the backend-independent numeric suite (:data:`NUMERIC_SUITE`, withou
 ``tensorflow_only``) once per other backend, each in a ``python -m pytest`` subprocess with
 ``KERAS_BACKEND`` set, and fails with the tail of its output. A backend is skipped, with the reason,
 while its seam module (``augnet/_backend/<name>.py``) does not exist or its framework is not
-installed. To run the suite on one backend yourself::
+installed. The subprocesses start when the session's tests are collected (tests/conftest.py), one
+after another in a background thread, and these tests run last and collect their results: they run
+beside the rest of the session (the README run on 2 cores: 23 minutes with the subprocesses run in
+turn, the main process waiting). To run the suite on one backend yourself::
 
     KERAS_BACKEND=jax python -m pytest -q -m "not tensorflow_only" tests/test_backend_seam.py ...
 
@@ -21,7 +24,10 @@ import os
 import re
 import subprocess
 import sys
+import tempfile
+import threading
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -64,7 +70,7 @@ NUMERIC_SUITE = [
 BACKEND_SUITE = {"torch": ["test_torch_backend.py"]}
 FRAMEWORK = {"tensorflow": "tensorflow", "jax": "jax", "torch": "torch"}
 SUBRUN = "AUGNET_TEST_BACKEND_SUBRUN"  # set in the subprocesses: no runs within runs
-TIMEOUT_S = 900  # per backend; the whole README run (all backends) must stay under 20 minutes
+TIMEOUT_S = 1200  # per backend (beside the rest of the session); the README run must stay < 20 min
 
 
 def _backend_env(name: str) -> dict:
@@ -83,6 +89,85 @@ def _tail(text: str, lines: int = 60) -> str:
     return "\n".join(text.splitlines()[-lines:])
 
 
+def _skip_reason(name: str) -> str | None:
+    """Why the numeric suite does not run on ``name`` here, or ``None``."""
+    if os.environ.get(SUBRUN):
+        return "inside a per-backend run"
+    if name == backend():
+        return f"this run is on {name}: the numeric suite runs in this process"
+    if not (ROOT / "augnet" / "_backend" / f"{name}.py").exists():
+        return f"augnet/_backend/{name}.py does not exist yet: augnet has no {name} backend"
+    if importlib.util.find_spec(FRAMEWORK[name]) is None:
+        return f"{FRAMEWORK[name]} is not installed (pip install -e '.[{name}]')"
+    return None
+
+
+def _command(name: str) -> list[str]:
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider"]
+    if name != "tensorflow":
+        cmd += ["-m", "not tensorflow_only"]
+    return cmd + [f"tests/{f}" for f in NUMERIC_SUITE + BACKEND_SUITE.get(name, [])]
+
+
+_RUNS: dict[str, Future] = {}
+_CHILDREN: set = set()  # the running subprocesses, killed if the session ends first
+_LOCK = threading.Lock()
+_POOL: list = []  # the one background thread (created on first use)
+_STOPPED = threading.Event()
+
+
+def _run(name: str) -> tuple[int | None, str, float]:
+    """The numeric suite on ``name`` in a subprocess: (exit code or None on timeout, its output,
+    seconds)."""
+    t0 = time.perf_counter()
+    with tempfile.TemporaryFile("w+") as out:
+        with _LOCK:
+            if _STOPPED.is_set():
+                return None, "the session ended first", 0.0
+            proc = subprocess.Popen(
+                _command(name),
+                cwd=ROOT,
+                env=_backend_env(name),
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
+            _CHILDREN.add(proc)
+        try:
+            code = proc.wait(timeout=TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+            code = None
+        finally:
+            with _LOCK:
+                _CHILDREN.discard(proc)
+        out.seek(0)
+        return code, out.read(), time.perf_counter() - t0
+
+
+def start_in_background(names) -> None:
+    """Starts the numeric suite of each backend of ``names`` that runs here, one after another in
+    one background thread (called by tests/conftest.py once the session's tests are collected)."""
+    todo = [n for n in dict.fromkeys(names) if n not in _RUNS and _skip_reason(n) is None]
+    if not todo:
+        return
+    if not _POOL:
+        _POOL.append(ThreadPoolExecutor(max_workers=1, thread_name_prefix="backend-suite"))
+    for name in todo:
+        _RUNS[name] = _POOL[0].submit(_run, name)
+
+
+def stop_background() -> None:
+    """Kills what still runs when the session ends (``-x``, Ctrl-C): nothing outlives it."""
+    _STOPPED.set()
+    with _LOCK:
+        for proc in _CHILDREN:
+            proc.kill()
+    if _POOL:
+        _POOL[0].shutdown(wait=False, cancel_futures=True)
+
+
 def test_numeric_suite_files_exist():
     extra = [f for files in BACKEND_SUITE.values() for f in files]
     missing = [f for f in NUMERIC_SUITE + extra if not (TESTS / f).exists()]
@@ -92,43 +177,24 @@ def test_numeric_suite_files_exist():
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["tensorflow", "jax", "torch"])
 def test_numeric_suite_on_backend(name):
-    if os.environ.get(SUBRUN):
-        pytest.skip("inside a per-backend run")
-    if name == backend():
-        pytest.skip(f"this run is on {name}: the numeric suite runs in this process")
-    if not (ROOT / "augnet" / "_backend" / f"{name}.py").exists():
-        pytest.skip(f"augnet/_backend/{name}.py does not exist yet: augnet has no {name} backend")
-    if importlib.util.find_spec(FRAMEWORK[name]) is None:
-        pytest.skip(f"{FRAMEWORK[name]} is not installed (pip install -e '.[{name}]')")
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider"]
-    if name != "tensorflow":
-        cmd += ["-m", "not tensorflow_only"]
-    cmd += [f"tests/{f}" for f in NUMERIC_SUITE + BACKEND_SUITE.get(name, [])]
-    t0 = time.perf_counter()
-    try:
-        proc = subprocess.run(
-            cmd,
-            cwd=ROOT,
-            env=_backend_env(name),
-            capture_output=True,
-            text=True,
-            timeout=TIMEOUT_S,
-        )
-    except subprocess.TimeoutExpired as exc:
-        out = exc.stdout or ""
-        out = out.decode(errors="replace") if isinstance(out, bytes) else out
+    reason = _skip_reason(name)
+    if reason:
+        pytest.skip(reason)
+    start_in_background([name])  # (already started when the session collected this test)
+    code, output, seconds = _RUNS[name].result()
+    cmd = _command(name)
+    if code is None:
         pytest.fail(
-            f"The numeric suite on KERAS_BACKEND={name} took more than {TIMEOUT_S} s:\n{_tail(out)}"
+            f"The numeric suite on KERAS_BACKEND={name} took more than {TIMEOUT_S} s:\n"
+            f"{_tail(output)}"
         )
-    seconds = time.perf_counter() - t0
-    summary = _tail(proc.stdout, 1)
-    if proc.returncode != 0:
+    if code != 0:
         pytest.fail(
-            f"The numeric suite failed on KERAS_BACKEND={name} (exit {proc.returncode}, "
+            f"The numeric suite failed on KERAS_BACKEND={name} (exit {code}, "
             f"{seconds:.0f} s). Rerun it with:\n  KERAS_BACKEND={name} {' '.join(cmd[1:])}\n\n"
-            f"{_tail(proc.stdout + proc.stderr)}"
+            f"{_tail(output)}"
         )
-    print(f"KERAS_BACKEND={name}: {summary} ({seconds:.0f} s)")
+    print(f"KERAS_BACKEND={name}: {_tail(output, 1)} ({seconds:.0f} s)")
 
 
 _CROSS_SCRIPT = """
