@@ -228,6 +228,11 @@ PACKED = "augnet_packed_state"
 PACK_VAR_LIMIT = 16 * 2**10
 
 
+def _is_small(a) -> bool:
+    """Whether variable value ``a`` goes into a packed buffer (see ``PACK_VAR_LIMIT``)."""
+    return a.size * a.dtype.itemsize <= PACK_VAR_LIMIT
+
+
 class _Packing:
     """One model's packed state: the arrays it was made from and the buffers made of them."""
 
@@ -236,7 +241,7 @@ class _Packing:
     def __init__(self, originals: list):
         groups: dict[str, int] = {}
         sizes: list[int] = []
-        small = [a.size * a.dtype.itemsize <= PACK_VAR_LIMIT for a in originals]
+        small = [_is_small(a) for a in originals]
         for a, packed in zip(originals, small):
             if packed and a.dtype.name not in groups:
                 groups[a.dtype.name] = len(groups)
@@ -281,7 +286,7 @@ _PACKINGS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 def _packable(values: list) -> bool:
     if not values or any(isinstance(a, _Tracer) or not isinstance(a, jax.Array) for a in values):
         return False
-    if sum(a.size * a.dtype.itemsize <= PACK_VAR_LIMIT for a in values) < 2:
+    if sum(map(_is_small, values)) < 2:
         return False  # nothing to gain: at most one small variable
     devices = {d for a in values for d in a.devices()}
     return len(devices) == 1

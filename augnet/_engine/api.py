@@ -132,12 +132,8 @@ def jacobian(
     run = prepare.prepared(fn, x, options, derivatives, fast=fast_lane)
     if run.fast is not None:
         J = run.fast(x)
-        if (
-            isinstance(J, np.ndarray)
-            and J.size <= checks.COUNT_MAX
-            and np.count_nonzero(J) == J.size
-        ):
-            return J  # a small result with no zero at all (one pass, ~1 µs)
+        if isinstance(J, np.ndarray) and checks.small_without_zero(J):
+            return J  # the common case of a small result, checked without the per-sample look
         parts = [J] if isinstance(J, np.ndarray) else B.nest_flatten(J)  # (no walk: hot path)
         checks.warn_zero_samples(parts, len(parts[0]))
         return J
