@@ -195,13 +195,14 @@ def jax_network(spec: dict, weights: dict):
 # torch (computes images in NCHW internally; takes and returns channels-last like Keras)
 
 
-def torch_network(spec: dict, weights: dict):
-    """A function ``f(x) -> y`` of torch tensors computing the exported network."""
+def torch_network(spec: dict, weights: dict, device=None):
+    """A function ``f(x) -> y`` of torch tensors computing the exported network, its weights on
+    ``device`` (a torch device or its name; ``None``: the CPU)."""
     import torch
     import torch.nn.functional as F
 
     def t(a):
-        return torch.from_numpy(np.ascontiguousarray(a))
+        return torch.from_numpy(np.ascontiguousarray(a)).to(device or "cpu")
 
     w = {}
     for node in spec["nodes"]:
