@@ -154,20 +154,7 @@ def child_jax(work: Path, cases: list[str], meta: dict, rounds: int) -> dict:
         b, m = case.batch, meta[name]["m"]
         x = jnp.asarray(make_input(case))  # on JAX's default device
         net = ports.jax_network(spec, {k: jnp.asarray(v) for k, v in weights.items()})
-
-        def flat(z, net=net, sel=sel):
-            y = net(z).reshape(z.shape[0], -1)
-            return y if sel is None else y[:, sel]
-
-        def one(v, flat=flat):
-            return flat(v[None])[0]
-
-        def loop(z, flat=flat, m=m):
-            y, pullback = jax.vjp(flat, z)
-            eye = jnp.eye(m, dtype=y.dtype)
-            return jnp.stack([pullback(jnp.broadcast_to(eye[k], y.shape))[0] for k in range(m)], 1)
-
-        rev, lp = jax.jit(jax.vmap(jax.jacrev(one))), jax.jit(loop)
+        rev, lp = (ports.pure_jax(k, net, sel, m) for k in ("jax_vmap_jacrev", "jax_loop"))
         kw = {} if sel is None else {"outputs": [int(i) for i in sel]}
         calls = {
             "augnet": lambda model=model, x=x, kw=kw: augnet.jacobian(model, x, **kw),
@@ -196,34 +183,15 @@ def child_torch(work: Path, cases: list[str], meta: dict, rounds: int) -> dict:
         b, m = case.batch, meta[name]["m"]
         x = torch.from_numpy(make_input(case)).to(dev)
         net = ports.torch_network(spec, weights, device=dev)
-        sel_t = None if sel is None else torch.from_numpy(sel).to(dev)
-
-        def flat(z, net=net, sel_t=sel_t):
-            y = net(z).reshape(z.shape[0], -1)
-            return y if sel_t is None else y[:, sel_t]
-
-        def one(v, flat=flat):
-            return flat(v[None])[0]
-
-        rev = torch.func.vmap(torch.func.jacrev(one))
-        eye = torch.eye(m, dtype=x.dtype, device=dev)
-
-        def loop(flat=flat, x=x, eye=eye, b=b, m=m):
-            xr = x.detach().clone().requires_grad_(True)
-            y = flat(xr)
-            rows = [
-                torch.autograd.grad(
-                    y, xr, grad_outputs=eye[k].expand(b, m), retain_graph=k < m - 1
-                )[0]
-                for k in range(m)
-            ]
-            return torch.stack(rows, dim=1).cpu().numpy()
-
+        rev, lp = (
+            ports.pure_torch(k, net, sel, m, device=dev)
+            for k in ("torch_vmap_jacrev", "torch_loop")
+        )
         kw = {} if sel is None else {"outputs": [int(i) for i in sel]}
         calls = {
             "augnet": lambda model=model, x=x, kw=kw: augnet.jacobian(model, x, **kw),
             "torch_vmap_jacrev": lambda f=rev, x=x: f(x).detach().cpu().numpy(),
-            "torch_loop": loop,
+            "torch_loop": lambda f=lp, x=x: f(x).detach().cpu().numpy(),
         }
         host = list(calls)
         res["cases"][name] = _measure_case(calls, host, ref, b, m, rounds)
@@ -232,12 +200,14 @@ def child_torch(work: Path, cases: list[str], meta: dict, rounds: int) -> dict:
 
 
 def _versions() -> dict:
+    from importlib import metadata
+
     out = {}
-    for mod in ("keras", "jax", "jaxlib", "torch", "numpy"):
+    for dist in ("keras", "jax", "jaxlib", "torch", "numpy"):
         try:
-            out[mod] = __import__(mod).__version__
-        except Exception:  # noqa: BLE001 (a missing framework is reported, not fatal)
-            out[mod] = "-"
+            out[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            out[dist] = "-"
     return out
 
 

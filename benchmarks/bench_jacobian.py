@@ -553,7 +553,7 @@ def _port_child(task: dict, framework: str) -> dict:
             jax.config.update("jax_enable_x64", True)
         net = ports.jax_network(spec, weights)
         x = jnp.asarray(x_np)
-        f = _pure_jax(key, net, sel, m)
+        f = ports.pure_jax(key, net, sel, m, unroll_max_m=UNROLL_MAX_M)
         result["baseline_mb"] = M.current_rss_mb()
 
         def run():
@@ -565,46 +565,10 @@ def _port_child(task: dict, framework: str) -> dict:
         torch.manual_seed(0)
         net = ports.torch_network(spec, weights)
         x = torch.from_numpy(x_np)
-        sel_t = None if sel is None else torch.from_numpy(sel)
+        g = ports.pure_torch(key, net, sel, m)
 
-        def flat(z):
-            y = net(z).reshape(z.shape[0], -1)
-            return y if sel_t is None else y[:, sel_t]
-
-        def one(xs):
-            return flat(xs[None])[0]
-
-        if key == "torch_forward":
-
-            def run():
-                with torch.no_grad():
-                    return flat(x).numpy()
-
-        elif key == "torch_vmap_jacrev":
-            g = torch.func.vmap(torch.func.jacrev(one))
-
-            def run():
-                return g(x).detach().numpy()
-
-        elif key == "torch_vmap_jacfwd":
-            g = torch.func.vmap(torch.func.jacfwd(one))
-
-            def run():
-                return g(x).detach().numpy()
-
-        else:
-            eye = torch.eye(m, dtype=x.dtype)
-
-            def run():
-                xr = x.detach().clone().requires_grad_(True)
-                y = flat(xr)
-                rows = [
-                    torch.autograd.grad(
-                        y, xr, grad_outputs=eye[k].expand(b, m), retain_graph=k < m - 1
-                    )[0]
-                    for k in range(m)
-                ]
-                return torch.stack(rows, dim=1).numpy()
+        def run():
+            return g(x).detach().numpy()
 
         result["baseline_mb"] = M.current_rss_mb()
 
@@ -626,42 +590,6 @@ def _port_child(task: dict, framework: str) -> dict:
     else:
         result.update(_check(value.reshape(b, m, n), task))
     return result
-
-
-def _pure_jax(key: str, net, sel, m: int):
-    """The pure-JAX approach ``key`` on the port ``net``: a jitted function of the batch giving
-    ``(b, m, ...)`` (the flat outputs ``(b, m)`` for ``jax_forward``)."""
-    import jax
-    import jax.numpy as jnp
-
-    def flat(z):
-        y = net(z).reshape(z.shape[0], -1)
-        return y if sel is None else y[:, sel]
-
-    def one(xs):
-        return flat(xs[None])[0]
-
-    if key == "jax_forward":
-        return jax.jit(flat)
-    if key == "jax_vmap_jacrev":
-        return jax.jit(jax.vmap(jax.jacrev(one)))
-    if key == "jax_vmap_jacfwd":
-        return jax.jit(jax.vmap(jax.jacfwd(one)))
-    if key == "jax_loop":  # one forward pass, then one VJP per output (unrolled, as tf_loop)
-
-        def loop(z):
-            y, pullback = jax.vjp(flat, z)
-            eye = jnp.eye(m, dtype=y.dtype)
-
-            def row(e):
-                return pullback(jnp.broadcast_to(e, y.shape))[0]
-
-            if m <= UNROLL_MAX_M:
-                return jnp.stack([row(eye[k]) for k in range(m)], axis=1)
-            return jnp.swapaxes(jax.lax.map(row, eye), 0, 1)
-
-        return jax.jit(loop)
-    raise KeyError(key)
 
 
 def _augnet_jax_child(task: dict) -> dict:
@@ -717,7 +645,7 @@ def _augnet_jax_child(task: dict) -> dict:
         net = ports.jax_network(spec, weights)
         sel = None if outputs is None else np.asarray(outputs)
         keys = ["jax_vmap_jacrev", "jax_loop"] + (["jax_vmap_jacfwd"] if n < m else [])
-        pure = {k: _pure_jax(k, net, sel, m) for k in keys}
+        pure = {k: ports.pure_jax(k, net, sel, m, unroll_max_m=UNROLL_MAX_M) for k in keys}
         calls = {"augnet": lambda: np.asarray(run())}
         for k, f in pure.items():
             calls[k] = lambda f=f: np.asarray(f(x).block_until_ready())

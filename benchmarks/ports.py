@@ -353,3 +353,90 @@ def torch_network(spec: dict, weights: dict, device=None):
         return y
 
     return forward
+
+
+# --------------------------------------------------------------------------------------------
+# The pure approaches on a port (bench_jacobian.py, bench_gpu.py)
+
+
+def pure_jax(key: str, net, sel, m: int, unroll_max_m: int = 256):
+    """The pure-JAX approach ``key`` on the port ``net``: a jitted function of the batch giving
+    ``(b, m, ...)`` (the flat outputs ``(b, m)`` for ``jax_forward``). ``sel``: the selected
+    flat outputs (an int array) or ``None`` for all ``m``. ``jax_loop`` (one forward pass, then
+    one VJP per output) is unrolled up to ``unroll_max_m`` outputs, a ``lax.map`` above."""
+    import jax
+    import jax.numpy as jnp
+
+    def flat(z):
+        y = net(z).reshape(z.shape[0], -1)
+        return y if sel is None else y[:, sel]
+
+    def one(xs):
+        return flat(xs[None])[0]
+
+    if key == "jax_forward":
+        return jax.jit(flat)
+    if key == "jax_vmap_jacrev":
+        return jax.jit(jax.vmap(jax.jacrev(one)))
+    if key == "jax_vmap_jacfwd":
+        return jax.jit(jax.vmap(jax.jacfwd(one)))
+    if key == "jax_loop":
+
+        def loop(z):
+            y, pullback = jax.vjp(flat, z)
+            eye = jnp.eye(m, dtype=y.dtype)
+
+            def row(e):
+                return pullback(jnp.broadcast_to(e, y.shape))[0]
+
+            if m <= unroll_max_m:
+                return jnp.stack([row(eye[k]) for k in range(m)], axis=1)
+            return jnp.swapaxes(jax.lax.map(row, eye), 0, 1)
+
+        return jax.jit(loop)
+    raise KeyError(key)
+
+
+def pure_torch(key: str, net, sel, m: int, device=None):
+    """The pure-torch approach ``key`` on the port ``net`` (its weights on ``device``): a function
+    of the batch (a tensor on that device) giving ``(b, m, ...)`` (the flat outputs ``(b, m)`` for ``torch_forward``,
+    computed under ``no_grad``). ``torch_loop``: one forward pass, then one ``autograd.grad`` per
+    output with the seeds of the whole batch."""
+    import torch
+
+    sel_t = None if sel is None else torch.as_tensor(np.asarray(sel), device=device or "cpu")
+
+    def flat(z):
+        y = net(z).reshape(z.shape[0], -1)
+        return y if sel_t is None else y[:, sel_t]
+
+    def one(xs):
+        return flat(xs[None])[0]
+
+    if key == "torch_forward":
+
+        def forward(x):
+            with torch.no_grad():
+                return flat(x)
+
+        return forward
+    if key == "torch_vmap_jacrev":
+        return torch.func.vmap(torch.func.jacrev(one))
+    if key == "torch_vmap_jacfwd":
+        return torch.func.vmap(torch.func.jacfwd(one))
+    if key == "torch_loop":
+
+        def loop(x):
+            xr = x.detach().clone().requires_grad_(True)
+            y = flat(xr)
+            eye = torch.eye(m, dtype=y.dtype, device=y.device)
+            rows = [
+                torch.autograd.grad(
+                    y, xr, grad_outputs=eye[k].expand(y.shape[0], m), retain_graph=k < m - 1
+                )[0]
+                for k in range(m)
+            ]
+            return torch.stack(rows, dim=1)
+
+        return loop
+    raise KeyError(key)
