@@ -161,6 +161,50 @@ def test_connected_outputs_walks_the_autograd_graph():
     assert flags == [True, True, False, True, False, False]
 
 
+def test_graph_walk_holds_the_node_objects_it_has_seen():
+    """torch (2.11 here) makes a new Python object for a graph node each time one is asked for,
+    and frees it when it is dropped; a new object can then take a freed one's id. The walk must
+    not take a node for one it has already seen (it did: every Dense layer of a model looked cut).
+    Nodes that are new objects on every access, and are freed as soon as they are dropped, stand
+    for that here."""
+    from augnet._backend import torch as BT
+
+    class Node:
+        def __init__(self, kind, children=(), variable=None):
+            self.kind, self.children, self.variable = kind, children, variable
+
+    class View:  # a fresh object for each node on every access, as torch's are
+        def __init__(self, node):
+            self.node, self.variable = node, node.variable
+
+        @property
+        def next_functions(self):
+            return tuple((view(c), 0) for c in self.node.children)
+
+    kinds: dict = {}
+
+    def view(node):
+        if node.kind not in kinds:
+            kinds[node.kind] = type(node.kind, (View,), {})
+        return kinds[node.kind](node)
+
+    x, w = object(), object()
+    for width in (1, 2, 5, 20):
+        # out <- add(branch_1 ... branch_width, each a chain to w) + mm(a chain to x, w)
+        chains = [Node("AccumulateGrad", variable=w) for _ in range(width)]
+        for depth in range(3):
+            chains = [Node(f"Mul{depth}Backward0", (c,)) for c in chains]
+        to_x = Node("AccumulateGrad", variable=x)
+        for depth in range(3):
+            to_x = Node(f"Tanh{depth}Backward0", (to_x,))
+        mm = Node("MmBackward0", (to_x, chains[0]))
+        out = Node("AddBackward0", (*chains, mm))
+        assert BT._reaches(view(out), {id(x)}), width
+        assert not BT._reaches(view(out), {id(object())}), width
+        cut = Node("AddBackward0", (*chains, Node("RoundBackward0", (mm,))))
+        assert not BT._reaches(view(cut), {id(x)}), width
+
+
 # --------------------------------------------------------------------------------------------------
 # Captured graphs
 # --------------------------------------------------------------------------------------------------

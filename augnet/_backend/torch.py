@@ -471,12 +471,17 @@ _CUT_NODES = frozenset(
 def _reaches(grad_fn, targets: set) -> bool:
     """Whether the autograd graph from ``grad_fn`` reaches one of ``targets`` (leaf tensors by
     id) without passing through a cut node."""
-    seen, stack = set(), [grad_fn]
+    # A graph node's Python object lives only while it is referenced: once freed, the same node
+    # comes back as a new object, and a new object can take a freed one's id. ``held`` keeps every
+    # node met alive for the walk, so each node has one object and ids are not reused (torch
+    # 2.11 reused them: a Dense layer's input looked already seen, and so unreachable).
+    seen, held, stack = set(), [], [grad_fn]
     while stack:
         node = stack.pop()
         if node is None or id(node) in seen:
             continue
         seen.add(id(node))
+        held.append(node)
         kind = type(node).__name__
         if kind in _CUT_NODES:
             continue
