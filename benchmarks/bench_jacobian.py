@@ -583,7 +583,7 @@ def _port_child(task: dict, framework: str) -> dict:
         ref64_path = OUT / f"{case.name}.ref64.npy"
         if ref64_path.exists():
             rows = meta["ref64_rows"]
-            j64 = _port_jacobian64(framework, spec, weights, x_np[:1], sel, rows)
+            j64 = ports.port_jacobian64(framework, spec, weights, x_np[:1], sel, rows)
             f64 = M.compare(j64, np.load(ref64_path))
             result["f64"] = f64
             result["note"] += f"; float64 Jacobian vs Keras float64: rel {f64['rel_err']:.0e}"
@@ -723,37 +723,6 @@ def _keras_torch_child(task: dict) -> dict:
         result["strategy"] = "; ".join(dict.fromkeys(seen))
     result.update(_check(np.asarray(value).reshape(b, m, n), task))
     return result
-
-
-def _port_jacobian64(framework, spec, weights, x0, sel, rows) -> np.ndarray:
-    """The port's float64 Jacobian of sample ``x0`` (batch 1), outputs ``rows`` of the selection."""
-    from benchmarks import ports
-
-    w64 = {k: v.astype(np.float64) for k, v in weights.items()}
-    rows = np.asarray(rows)
-    if framework == "jax":
-        import jax
-        import jax.numpy as jnp
-
-        net = ports.jax_network(spec, w64)
-
-        def f(v):
-            y = net(v[None]).reshape(-1)
-            return (y if sel is None else y[sel])[rows]
-
-        return np.asarray(jax.jacrev(f)(jnp.asarray(x0[0], dtype=jnp.float64))).reshape(
-            len(rows), -1
-        )
-    import torch
-
-    net = ports.torch_network(spec, w64)
-
-    def g(v):
-        y = net(v[None]).reshape(-1)
-        return (y if sel is None else y[torch.from_numpy(sel)])[torch.from_numpy(rows)]
-
-    xt = torch.from_numpy(x0[0].astype(np.float64))
-    return torch.func.jacrev(g)(xt).detach().numpy().reshape(len(rows), -1)
 
 
 def child_entry(task_path: str) -> int:
