@@ -54,10 +54,15 @@ def backend() -> str:
 _BACKEND_SUITES = "test_numeric_suite_on_backend"  # tests/test_backends.py
 
 
+def _backend_suites(items) -> list:
+    """The per-backend numeric suite tests among ``items``."""
+    return [item for item in items if getattr(item, "originalname", "") == _BACKEND_SUITES]
+
+
 def pytest_collection_modifyitems(config, items):
     """Skips ``tensorflow_only`` tests on the other backends; the per-backend numeric suites go
     last (they wait for subprocesses that run beside the rest of the session)."""
-    last = [item for item in items if getattr(item, "originalname", "") == _BACKEND_SUITES]
+    last = _backend_suites(items)
     if last:
         ids = {id(item) for item in last}
         items[:] = [item for item in items if id(item) not in ids] + last
@@ -609,15 +614,12 @@ def assert_one_line_error(code: int, err: str, pattern: str) -> None:
 def pytest_collection_finish(session):
     """Starts the per-backend numeric suites in the background as soon as the session knows it
     runs them (tests/test_backends.py), so that they run beside the other tests."""
-    suites = [
-        item for item in session.items if getattr(item, "originalname", "") == _BACKEND_SUITES
-    ]
+    suites = _backend_suites(session.items)
     if suites and not session.config.option.collectonly:
         suites[0].module.start_in_background([item.callspec.params["name"] for item in suites])
 
 
 def pytest_sessionfinish(session, exitstatus):
-    for item in getattr(session, "items", []):
-        if getattr(item, "originalname", "") == _BACKEND_SUITES:
-            item.module.stop_background()
-            break
+    suites = _backend_suites(getattr(session, "items", []))
+    if suites:
+        suites[0].module.stop_background()
